@@ -469,8 +469,11 @@ class PostgresDatabase(Database):
         self.timeout = timeout
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=pool_size, timeout=timeout, open=True,
+            # Every statement here looks rows up by key: plan it once per
+            # connection, not on each call (custom plans cost ~0.4 ms).
             kwargs={'autocommit': True, 'row_factory': dict_row,
-                    'connect_timeout': max(1, int(timeout))},
+                    'connect_timeout': max(1, int(timeout)),
+                    'options': '-c plan_cache_mode=force_generic_plan'},
             name='taskfarm')
         self.converted: dict[str, str] = {}
 
