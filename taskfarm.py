@@ -412,6 +412,11 @@ class SqliteDatabase(Database):
         self.path = path
         self.timeout = timeout
         self.local = threading.local()
+        # sqlite has one writer at a time, and its busy handler waits by
+        # sleeping in steps of up to 100 ms. Threads of this process take
+        # turns on a lock instead, which wakes the next one at once; only
+        # other processes meet the busy handler.
+        self.turn = threading.Lock()
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self.local, 'conn', None)
@@ -435,16 +440,21 @@ class SqliteDatabase(Database):
     @contextmanager
     def transaction(self, immediate: bool = True) -> Iterator[Transaction]:
         conn = self.connection()
-        if not immediate:
-            yield Transaction(self, conn)
-            return
-        self.run_on(conn, 'BEGIN IMMEDIATE', {})
+        if not self.turn.acquire(timeout=self.timeout):
+            raise DatabaseUnavailable('sqlite is busy')
         try:
-            yield Transaction(self, conn)
-        except BaseException:
-            conn.execute('ROLLBACK')
-            raise
-        self.run_on(conn, 'COMMIT', {})
+            if not immediate:
+                yield Transaction(self, conn)
+                return
+            self.run_on(conn, 'BEGIN IMMEDIATE', {})
+            try:
+                yield Transaction(self, conn)
+            except BaseException:
+                conn.execute('ROLLBACK')
+                raise
+            self.run_on(conn, 'COMMIT', {})
+        finally:
+            self.turn.release()
 
     def script(self, sql: str) -> None:
         self.connection().executescript(sql)
@@ -584,7 +594,8 @@ def issue_token(secret: bytes, user: dict, ttl: int) -> str:
 def read_token(secret: bytes, token: str) -> tuple[int, str] | None:
     """(user id, token stamp) of a well-signed, unexpired token, else None."""
     payload, _, signature = token.rpartition('.')
-    if not hmac.compare_digest(sign(secret, payload), signature):
+    # As bytes: compare_digest refuses str with non-ASCII characters.
+    if not hmac.compare_digest(sign(secret, payload).encode(), signature.encode()):
         return None
     try:
         version, user_id, expires, stamp = payload.split('.')
