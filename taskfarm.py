@@ -27,10 +27,11 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 from uuid import uuid4
 
 import falcon
@@ -198,7 +199,7 @@ CLAIM_TASK = Dialects(
     """,
     # sqlite has no data-modifying CTEs; the same steps run as statements in
     # one BEGIN IMMEDIATE transaction, atomic because sqlite has one writer.
-    sqlite=f"""
+    sqlite="""
     SELECT r.id AS run_id, r.timeout, r.max_attempts, w.id AS worker_id
     FROM runs r, workers w
     WHERE r.uuid = :run AND (r.owner_id = :user_id OR :is_admin)
@@ -248,7 +249,8 @@ GET_TASK = f"""
     WHERE r.uuid = :run AND {OWNED}
 """
 
-# A PUT creates the task's row if it has none, and renews the lease.
+# A PUT creates the task's row if it has none, and renews the lease. A task
+# put back to waiting has no worker any more.
 UPDATE_TASK = f"""
     INSERT INTO tasks (run_id, task, status, percent, updated, lease_expires)
     SELECT id, :task, COALESCE(CAST(:status AS text), 'waiting'),
@@ -258,8 +260,26 @@ UPDATE_TASK = f"""
     ON CONFLICT (run_id, task) DO UPDATE
     SET status = COALESCE(CAST(:status AS text), tasks.status),
         percent = COALESCE(CAST(:percent AS double precision), tasks.percent),
-        updated = :now, lease_expires = excluded.lease_expires
+        updated = :now, lease_expires = excluded.lease_expires,
+        worker_id = CASE WHEN CAST(:status AS text) = 'waiting' THEN NULL
+                         ELSE tasks.worker_id END
     RETURNING id
+"""
+
+# The same, only if the named worker still holds the task: a worker whose
+# lease ran out must not undo the work of the one that took the task over.
+UPDATE_HELD_TASK = """
+    UPDATE tasks
+    SET status = COALESCE(CAST(:status AS text), tasks.status),
+        percent = COALESCE(CAST(:percent AS double precision), tasks.percent),
+        updated = :now, lease_expires = :now + runs.timeout,
+        worker_id = CASE WHEN CAST(:status AS text) = 'waiting' THEN NULL
+                         ELSE tasks.worker_id END
+    FROM runs
+    WHERE runs.uuid = :run AND (runs.owner_id = :user_id OR :is_admin)
+      AND tasks.run_id = runs.id AND tasks.task = :task
+      AND tasks.worker_id = (SELECT id FROM workers WHERE uuid = :worker)
+    RETURNING tasks.id
 """
 
 LIST_TASKS = """
@@ -351,6 +371,7 @@ class Database:
     """What every backend offers: one(), all(), execute(), transaction()."""
 
     dialect: str
+    Error: type[Exception]      # the driver's base error
 
     def pick(self, sql: str | Dialects) -> str:
         return getattr(sql, self.dialect) if isinstance(sql, Dialects) else sql
@@ -366,14 +387,14 @@ class Database:
 
     def single(self, statement: Callable[[Transaction], Any]) -> Any:
         """Run one statement on its own (it commits by itself)."""
-        with self.transaction(immediate=False) as tx:
+        with self.transaction(atomic=False) as tx:
             return statement(tx)
 
     def script(self, sql: str) -> None:
         raise NotImplementedError
 
     @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[Transaction]:
+    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
         raise NotImplementedError
         yield
 
@@ -384,9 +405,9 @@ class Database:
 class Transaction:
     """Statements on one connection; inside `db.transaction()` they commit together."""
 
-    def __init__(self, db: Database, cursor_source: Any) -> None:
+    def __init__(self, db: Database, conn: Any) -> None:
         self.db = db
-        self.conn = cursor_source
+        self.conn = conn
 
     def _run(self, sql: str | Dialects, params: dict | None) -> Any:
         return self.db.run_on(self.conn, self.db.pick(sql), params or {})
@@ -407,6 +428,7 @@ def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
 
 class SqliteDatabase(Database):
     dialect = 'sqlite'
+    Error = sqlite3.Error
 
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
@@ -438,12 +460,12 @@ class SqliteDatabase(Database):
             raise
 
     @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[Transaction]:
+    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
         conn = self.connection()
         if not self.turn.acquire(timeout=self.timeout):
             raise DatabaseUnavailable('sqlite is busy')
         try:
-            if not immediate:
+            if not atomic:
                 yield Transaction(self, conn)
                 return
             self.run_on(conn, 'BEGIN IMMEDIATE', {})
@@ -475,6 +497,7 @@ class PostgresDatabase(Database):
         from psycopg.rows import dict_row
 
         self.psycopg = psycopg
+        self.Error = psycopg.Error
         self.pool_timeout_error = psycopg_pool.PoolTimeout
         self.timeout = timeout
         self.pool = psycopg_pool.ConnectionPool(
@@ -505,10 +528,10 @@ class PostgresDatabase(Database):
         return conn.execute(query, params)
 
     @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[Transaction]:
+    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
         try:
             with self.pool.connection() as conn:
-                if immediate:
+                if atomic:
                     with conn.transaction():
                         yield Transaction(self, conn)
                 else:
@@ -662,7 +685,7 @@ class Authenticator:
 
 
 def parse_basic(header: str | None) -> tuple[str, str] | None:
-    if not header or not header[:6].lower() == 'basic ':
+    if not header or header[:6].lower() != 'basic ':
         return None
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode('utf-8')
@@ -1077,21 +1100,30 @@ class Task:
 
     def on_put(self, req: falcon.Request, resp: falcon.Response,
                uuid: str, task_id: int) -> None:
-        body = read_body(req, ('percentCompleted', 'status'))
-        if not body:
+        body = read_body(req, ('percentCompleted', 'status', 'worker_uuid'))
+        if not body.keys() - {'worker_uuid'}:
             raise falcon.HTTPBadRequest(
                 title='Nothing to update',
                 description='Send percentCompleted and/or status.')
         params = {'percent': require_number(body, 'percentCompleted', 0, 100),
                   'status': require_status(body), 'task': task_id,
+                  'worker': require_str(body, 'worker_uuid', 64, required=False),
                   'run': uuid, 'now': time.time(), **owner(req)}
         check_uuid(uuid)
-        if not 0 <= task_id <= MAX_INT or self.db.one(UPDATE_TASK, params) is None:
-            run = self.db.one(FIND_RUN, params)
-            if run is None:
-                raise run_not_found(uuid)
-            check_task_number(task_id, run['num_tasks'])
+        update = UPDATE_TASK if params['worker'] is None else UPDATE_HELD_TASK
+        if not 0 <= task_id <= MAX_INT or self.db.one(update, params) is None:
+            self.explain_no_update(params)
         resp.status = falcon.HTTP_204
+
+    def explain_no_update(self, params: dict) -> None:
+        run = self.db.one(FIND_RUN, params)
+        if run is None:
+            raise run_not_found(params['run'])
+        check_task_number(params['task'], run['num_tasks'])
+        raise falcon.HTTPConflict(
+            title='Task not held',
+            description=f"Worker {params['worker']!r} does not hold task {params['task']}: "
+                        'its lease ran out or the run was restarted.')
 
 
 def check_task_number(task_id: int, num_tasks: int) -> None:
@@ -1162,10 +1194,7 @@ def load_secret(db: Database, config: Config) -> bytes:
         return config.secret.encode()
     try:
         row = db.one(READ_SECRET)
-    except (sqlite3.Error, DatabaseUnavailable) as e:
-        raise SystemExit(f'taskfarm: cannot read the database ({e}); '
-                         'run `taskfarm-admin init-db` first.') from None
-    except Exception as e:  # psycopg errors, without importing psycopg here
+    except (db.Error, DatabaseUnavailable) as e:
         raise SystemExit(f'taskfarm: cannot read the database ({e}); '
                          'run `taskfarm-admin init-db` first.') from None
     if row is None:
