@@ -1,0 +1,639 @@
+"""Tests of the `taskfarm` command and the client API, against a live server.
+
+Every test talks to a real waitress server over sockets (the `live_server`
+fixture of conftest.py). The command runs as a subprocess, as a user runs
+it. Tests synchronise on files and fifos that the commands write, and poll
+conditions with a deadline; every subprocess call has a timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pty
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from taskfarm_client import (
+    AuthError,
+    Client,
+    NotFound,
+    TaskFarm,
+    TaskFarmWorker,
+    Unreachable,
+    WorkPool,
+    parse_progress,
+    task_command,
+    tfRuns,
+)
+
+CLIENT = Path(__file__).resolve().with_name('taskfarm_client.py')
+COMMAND_TIMEOUT = 60      # seconds any one `taskfarm` call may take
+BIG_RUN_TIMEOUT = 180     # the 100-task run on a small, shared machine
+UNKNOWN_RUN = '0123456789abcdef0123456789abcdef'
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def cli_env(server, **extra: str) -> dict[str, str]:
+    env = {**os.environ, 'TASKFARM_URL': server.url, 'TASKFARM_USER': server.user,
+           'TASKFARM_PASSWORD': server.password, 'TASKFARM_RETRY_SECONDS': '5'}
+    env.update(extra)
+    return env
+
+
+def taskfarm(server, *args: str, env: dict | None = None,
+             timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run `taskfarm ARGS` to its end."""
+    return subprocess.run(
+        [sys.executable, str(CLIENT), *args], check=False, env=env or cli_env(server),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> object:
+    """Poll `condition` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f'timed out waiting for {what}')
+        time.sleep(0.05)    # polling interval, bounded by the deadline
+
+
+def finish(process: subprocess.Popen, timeout: float = COMMAND_TIMEOUT) -> tuple[str, str]:
+    """Wait for a started `taskfarm`; its stdout and stderr."""
+    return process.communicate(timeout=timeout)
+
+
+def one_line(stderr: str) -> str:
+    """The single line a failing command must print, without a traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert 'Traceback' not in stderr
+    return lines[0]
+
+
+def open_for_writing(fifo: Path, timeout: float = 30) -> int:
+    """Open a fifo once a command has it open for reading (no blocking)."""
+    def try_open() -> int | None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:    # ENXIO: no reader yet
+                raise
+            return None
+    return wait_for(try_open, f'a reader on {fifo}', timeout)
+
+
+def release(fifo: Path) -> None:
+    """Let a command blocked on `read < fifo` go on."""
+    fd = open_for_writing(fifo)
+    try:
+        os.write(fd, b'go\n')
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def client(live_server) -> Client:
+    return Client(live_server.url, live_server.user, live_server.password)
+
+
+@pytest.fixture
+def spawn(live_server):
+    """Start `taskfarm ARGS` in the background; stopped at the end if still running."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, str(CLIENT), *args], env=env or cli_env(live_server),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()     # a worker stops its commands on SIGTERM
+            try:
+                process.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate(timeout=10)
+
+
+# ---------------------------------------------------------------------------
+# `taskfarm work`
+
+
+def test_three_workers_of_two_slots_run_each_of_100_tasks_once(
+        live_server, client, spawn, tmp_path):
+    run = taskfarm(live_server, 'create', '100', '--timeout', '60').stdout.strip()
+    out = tmp_path / 'out.txt'
+    # O_APPEND writes of one short line are atomic, so lines never mix.
+    command = ['sh', '-c', f'echo "{{}} $TASKFARM_TASK $TASKFARM_RUN" >> {out}']
+    workers = [spawn('work', run, '-j', '2', '--', *command) for _ in range(3)]
+
+    for worker in workers:
+        _, stderr = finish(worker, BIG_RUN_TIMEOUT)
+        assert worker.returncode == 0, stderr
+
+    lines = out.read_text().splitlines()
+    counts = Counter(int(line.split()[0]) for line in lines)
+    assert counts == Counter(range(100))          # each task exactly once
+    assert all(line.split()[1:] == [line.split()[0], run] for line in lines)
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing'], info['numWaiting']) == (100, 0, 0)
+    assert info['percentDone'] == 100
+    tasks = list(client.iter_tasks(run))
+    assert [task['attempts'] for task in tasks] == [1] * 100
+
+
+def test_failing_command_leaves_task_failed_and_shows_its_stderr(
+        live_server, client):
+    run = client.create_run(1)['uuid']
+    command = ['sh', '-c', 'echo preparing; echo "disk full on task {}" >&2; exit 3']
+
+    result = taskfarm(live_server, 'work', run, '--', *command)
+
+    assert result.returncode == 1
+    assert 'task 0 failed (exit status 3)' in result.stderr
+    assert 'disk full on task 0' in result.stderr
+    assert 'preparing' in result.stdout        # stdout passes through
+    assert client.task_info(run, 0, 'status') == 'failed'
+    assert client.run_info(run, 'numFailed') == 1
+
+
+def test_failed_task_is_not_handed_out_again_until_restart(live_server, client):
+    run = client.create_run(2)['uuid']
+    taskfarm(live_server, 'work', run, '--', 'sh', '-c', 'exit {}')   # task 1 fails
+    assert client.task_info(run, 1, 'status') == 'failed'
+
+    again = taskfarm(live_server, 'work', run, '--', 'true')
+    assert again.returncode == 0
+    assert client.task_info(run, 1, 'status') == 'failed'
+
+    assert taskfarm(live_server, 'restart', run).returncode == 0
+    assert taskfarm(live_server, 'work', run, '--', 'true').returncode == 0
+    assert client.run_info(run, 'numDone') == 2
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_stopped_worker_puts_its_task_back_for_another_worker(
+        live_server, client, spawn, tmp_path, sig):
+    run = client.create_run(1)['uuid']
+    started, gate, done = tmp_path / 'started', tmp_path / 'gate', tmp_path / 'done'
+    os.mkfifo(gate)
+    # Record the command's pid, then block until the gate opens (it never does).
+    blocking = f'echo $$ > {started}.tmp && mv {started}.tmp {started}; read x < {gate}'
+    first = spawn('work', run, '--', 'sh', '-c', blocking)
+    wait_for(started.exists, 'the first command to start')
+    command_pid = int(started.read_text())
+
+    first.send_signal(sig)
+    _, stderr = finish(first)
+
+    assert first.returncode == 128 + sig
+    assert 'put back to waiting' in stderr
+    assert not pid_alive(command_pid)          # its command was stopped too
+    assert client.task_info(run, 0, 'status') == 'waiting'
+
+    second = taskfarm(live_server, 'work', run, '--', 'sh', '-c', f'echo {{}} >> {done}')
+    assert second.returncode == 0, second.stderr
+    assert done.read_text() == '0\n'
+    assert client.run_info(run, 'numDone') == 1
+
+
+def test_stopped_worker_with_two_slots_puts_both_tasks_back(
+        live_server, client, spawn, tmp_path):
+    run = client.create_run(5)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    blocking = f'touch {tmp_path}/started.{{}}; read x < {gate}'
+    worker = spawn('work', run, '-j', '2', '--', 'sh', '-c', blocking)
+    wait_for(lambda: len(list(tmp_path.glob('started.*'))) == 2, 'two commands to start')
+
+    worker.terminate()
+    finish(worker)
+
+    assert worker.returncode == 128 + signal.SIGTERM
+    info = client.run_info(run)
+    assert (info['numWaiting'], info['numComputing']) == (5, 0)
+
+
+def test_progress_lines_set_percent_completed(live_server, client, spawn, tmp_path):
+    run = client.create_run(1)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    command = f'echo TASKFARM_PROGRESS 40; read x < {gate}'
+    worker = spawn('work', run, '--', 'sh', '-c', command)
+
+    wait_for(lambda: client.task_info(run, 0, 'percentCompleted') == 40,
+             'percentCompleted 40')
+    assert client.task_info(run, 0, 'status') == 'computing'
+    release(gate)
+    _, stderr = finish(worker)
+
+    assert worker.returncode == 0, stderr
+    assert client.task_info(run, 0) | {'id': None} == {
+        'id': None, 'task': 0, 'percentCompleted': 100.0, 'status': 'done', 'attempts': 1}
+
+
+def test_command_that_cannot_start_puts_the_task_back(live_server, client, tmp_path):
+    run = client.create_run(3)['uuid']
+    result = taskfarm(live_server, 'work', run, '--', str(tmp_path / 'no-such-command'))
+    assert result.returncode == 1
+    assert 'cannot run' in result.stderr
+    assert client.run_info(run, 'numWaiting') == 3
+
+
+def test_worker_sends_heartbeats_while_its_command_runs(live_server, client, spawn, tmp_path):
+    run = client.create_run(1)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    worker = spawn('work', run, '--heartbeat', '0.5', '--', 'sh', '-c', f'read x < {gate}')
+
+    holders = wait_for(lambda: [w for w in client.workers() if w['numComputing'] == 1],
+                       'the worker to hold its task')
+    uuid, first_seen = holders[0]['uuid'], holders[0]['lastSeen']
+    wait_for(lambda: any(w['uuid'] == uuid and w['lastSeen'] > first_seen
+                         for w in client.workers()), 'a heartbeat')
+    release(gate)
+    finish(worker)
+    assert worker.returncode == 0
+
+
+def test_worker_started_while_the_server_is_down_waits_for_it(servers, tmp_path):
+    first = servers()
+    client = Client(first.url, first.user, first.password)
+    run = client.create_run(3)['uuid']
+    port = int(first.url.rsplit(':', 1)[1])
+    first.stop()
+
+    worker = subprocess.Popen(
+        [sys.executable, str(CLIENT), 'work', run, '--', 'true'],
+        env=cli_env(first, TASKFARM_RETRY_SECONDS='60'), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        servers(port=port)       # the same database, back on the same port
+        _, stderr = finish(worker)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate(timeout=10)
+
+    assert worker.returncode == 0, stderr
+    assert client.run_info(run, 'numDone') == 3
+
+
+def test_work_needs_a_command(live_server):
+    result = taskfarm(live_server, 'work', UNKNOWN_RUN)
+    assert result.returncode == 2
+    assert 'give the command' in result.stderr
+
+
+def test_task_command_replaces_braces_with_the_task_number():
+    assert task_command(['./run', '{}', 'in/{}.dat', '-x'], 7) == ['./run', '7', 'in/7.dat', '-x']
+
+
+@pytest.mark.parametrize('line, percent', [
+    ('TASKFARM_PROGRESS 40\n', 40.0), ('TASKFARM_PROGRESS 12.5', 12.5),
+    ('TASKFARM_PROGRESS 101', None), ('TASKFARM_PROGRESS x', None),
+    ('progress 40', None), ('TASKFARM_PROGRESS 40 50', None)])
+def test_parse_progress(line, percent):
+    assert parse_progress(line) == percent
+
+
+def test_work_pool_runs_in_process(client, tmp_path, capsys):
+    run = client.create_run(4)['uuid']
+    pool = WorkPool(client, run, ['sh', '-c', 'echo {}'], slots=2)
+    assert pool.run() == 0
+    assert sorted(capsys.readouterr().out.split()) == ['0', '1', '2', '3']
+    assert client.run_info(run, 'numDone') == 4
+
+
+# ---------------------------------------------------------------------------
+# `taskfarm watch`
+
+
+def read_line(stream, timeout: float = 30) -> str:
+    """One line from a pipe, or fail after `timeout` seconds."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail('timed out waiting for a line of output')
+
+
+def test_watch_prints_lines_until_the_run_is_finished(live_server, client, spawn):
+    run = client.create_run(4)['uuid']
+    watch = spawn('watch', run, '--interval', '0.2')
+    first = read_line(watch.stdout)
+    assert 'done 0/4' in first
+    assert watch.poll() is None          # nothing works on the run: it waits
+
+    worker = taskfarm(live_server, 'work', run, '-j', '2', '--', 'true')
+    assert worker.returncode == 0
+    stdout, _ = finish(watch)
+
+    assert watch.returncode == 0
+    last = stdout.splitlines()[-1]
+    assert re.match(r'\d\d:\d\d:\d\d \[#+\] 100.0%  done 4/4  computing 0  failed 0', last)
+    assert 'tasks/min' in last and 'ETA 0s' in last
+    assert '\r' not in stdout            # plain lines when not on a terminal
+
+
+def test_watch_on_a_terminal_redraws_one_line(live_server, client):
+    run = client.create_run(1)['uuid']
+    taskfarm(live_server, 'work', run, '--', 'true')
+    controller, terminal = pty.openpty()
+    try:
+        watch = subprocess.Popen(
+            [sys.executable, str(CLIENT), 'watch', run], env=cli_env(live_server),
+            stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE)
+        os.close(terminal)
+        _, stderr = watch.communicate(timeout=COMMAND_TIMEOUT)
+        shown = read_all(controller).decode()
+    finally:
+        os.close(controller)
+    assert watch.returncode == 0, stderr
+    assert shown.startswith('\r[' + '#' * 30 + '] 100.0%  done 1/1')
+    assert '\x1b[K' in shown
+
+
+def read_all(controller: int) -> bytes:
+    """What a finished process wrote to a pty (Linux reports EIO at the end)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            return b''.join(chunks)
+        if not chunk:
+            return b''.join(chunks)
+        chunks.append(chunk)
+
+
+def test_watch_fails_when_tasks_failed(live_server, client):
+    run = client.create_run(2)['uuid']
+    taskfarm(live_server, 'work', run, '--', 'sh', '-c', 'exit {}')
+    result = taskfarm(live_server, 'watch', run, '--interval', '0.1')
+    assert result.returncode == 1
+    assert 'done 1/2' in result.stdout and 'failed 1' in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# The other commands
+
+
+def test_create_prints_the_uuid_alone(live_server, client):
+    result = taskfarm(live_server, 'create', '100')
+    assert result.returncode == 0
+    assert re.fullmatch(r'[0-9a-f]{32}\n', result.stdout)
+    assert client.run_info(result.stdout.strip(), 'numWaiting') == 100
+
+
+def test_create_passes_name_timeout_and_max_attempts(live_server, client):
+    result = taskfarm(live_server, 'create', '7', '--name', 'render frames',
+                      '--timeout', '60', '--max-attempts', '3')
+    info = client.run_info(result.stdout.strip())
+    assert (info['numTasks'], info['name'], info['timeout'], info['maxAttempts']) == (
+        7, 'render frames', 60, 3)
+
+
+def test_list_shows_runs_with_their_names(live_server, client):
+    first = client.create_run(3, name='first run')['uuid']
+    second = client.create_run(5)['uuid']
+    lines = taskfarm(live_server, 'list').stdout.splitlines()
+    assert lines[0].split() == ['UUID', 'TASKS', 'NAME']
+    assert lines[1].split() == [first, '3', 'first', 'run']
+    assert lines[2].split() == [second, '5']
+
+
+def test_info_shows_counts_and_a_progress_bar(live_server, client):
+    run = client.create_run(4, name='demo')['uuid']
+    worker = client.register_worker('w1', 'host', 1)['uuid']
+    for _ in range(3):
+        client.claim_task(run, worker)
+    client.update_task(run, 0, 100, 'done')
+    client.update_task(run, 1, status='failed')
+
+    lines = taskfarm(live_server, 'info', run).stdout.splitlines()
+
+    assert lines[0].split() == ['run', run, '(demo)']
+    counts = dict(line.split()[:2] for line in lines[1:6])
+    assert counts == {'tasks': '4', 'done': '1', 'computing': '1', 'waiting': '1',
+                      'failed': '1'}
+    assert lines[6] == 'progress   [' + '#' * 8 + '.' * 22 + '] 25.0%'
+
+
+def test_tasks_lists_every_task_with_a_status_filter(live_server, client):
+    run = client.create_run(5)['uuid']
+    worker = client.register_worker('w1', 'node7', 42)['uuid']
+    for task in range(3):
+        client.claim_task(run, worker)
+    client.update_task(run, 1, 100, 'done')
+
+    everything = taskfarm(live_server, 'tasks', run).stdout.splitlines()
+    done = taskfarm(live_server, 'tasks', run, '--status', 'done').stdout.splitlines()
+
+    assert everything[0].split() == ['TASK', 'STATUS', 'PERCENT', 'ATTEMPTS', 'UPDATED', 'WORKER']
+    rows = [line.split() for line in everything[1:]]
+    assert [row[:4] + row[5:] for row in rows] == [
+        ['0', 'computing', '0.0', '1', 'node7:42'],
+        ['1', 'done', '100.0', '1', 'node7:42'],
+        ['2', 'computing', '0.0', '1', 'node7:42']]
+    assert all(re.fullmatch(r'\d{4}-\d\d-\d\dT[\d:.]+Z', row[4]) for row in rows)
+    assert [line.split()[:2] for line in done[1:]] == [['1', 'done']]
+
+
+def test_iter_tasks_pages_through_all_tasks(client):
+    run = client.create_run(7)['uuid']
+    worker = client.register_worker('w1', 'host', 1)['uuid']
+    for _ in range(7):
+        client.claim_task(run, worker)
+    assert [task['task'] for task in client.iter_tasks(run, page_size=3)] == list(range(7))
+
+
+def test_workers_lists_registered_workers(live_server, client):
+    run = client.create_run(2)['uuid']
+    client.register_worker('a' * 32, 'node1', 123)
+    client.claim_task(run, 'a' * 32)
+    lines = taskfarm(live_server, 'workers').stdout.splitlines()
+    assert lines[0].split() == ['UUID', 'HOSTNAME', 'PID', 'TASKS', 'LAST', 'SEEN']
+    assert lines[1].split()[:4] == ['a' * 32, 'node1', '123', '1']
+
+
+def test_restart_puts_unfinished_tasks_back_and_all_resets_everything(live_server, client):
+    run = client.create_run(3)['uuid']
+    worker = client.register_worker('w1', 'host', 1)['uuid']
+    for _ in range(3):
+        client.claim_task(run, worker)
+    client.update_task(run, 0, 100, 'done')
+    client.update_task(run, 1, 50)
+
+    assert taskfarm(live_server, 'restart', run).returncode == 0
+    assert [client.task_info(run, t, 'status') for t in range(3)] == ['done', 'waiting', 'waiting']
+    assert client.task_info(run, 1, 'percentCompleted') == 50
+
+    assert taskfarm(live_server, 'restart', run, '--all').returncode == 0
+    assert client.run_info(run, 'numWaiting') == 3
+    assert client.run_info(run, 'percentDone') == 0
+
+
+def test_delete_removes_the_run(live_server, client):
+    run = client.create_run(3)['uuid']
+    assert taskfarm(live_server, 'delete', run).returncode == 0
+    with pytest.raises(NotFound):
+        client.run_info(run)
+
+
+def test_connection_options_work_after_the_subcommand(live_server):
+    env = {**os.environ, 'TASKFARM_RETRY_SECONDS': '5'}
+    result = taskfarm(live_server, 'create', '2', '--url', live_server.url,
+                      '--user', live_server.user, '--password', live_server.password, env=env)
+    assert result.returncode == 0, result.stderr
+    result = taskfarm(live_server, '--url', live_server.url, '--user', live_server.user,
+                      '--password', live_server.password, 'list', env=env)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Errors: one clear line, a non-zero exit, no traceback
+
+
+def test_wrong_password_is_one_clear_line(live_server):
+    result = taskfarm(live_server, 'list',
+                      env=cli_env(live_server, TASKFARM_PASSWORD='not-the-password'))
+    assert result.returncode == 1
+    assert 'wrong user name or password' in one_line(result.stderr)
+
+
+@pytest.mark.parametrize('command', [
+    ['info'], ['tasks'], ['watch'], ['restart'], ['delete'], ['work', '--', 'true']])
+def test_unknown_run_is_one_clear_line(live_server, command):
+    result = taskfarm(live_server, command[0], UNKNOWN_RUN, *command[1:])
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert 'unknown run' in line and UNKNOWN_RUN in line
+
+
+def test_unreachable_server_is_one_clear_line_after_a_bounded_wait(live_server):
+    url = f'http://127.0.0.1:{free_port()}'    # nobody listens there
+    began = time.monotonic()
+    result = taskfarm(live_server, 'list',
+                      env=cli_env(live_server, TASKFARM_URL=url, TASKFARM_RETRY_SECONDS='1'))
+    assert result.returncode == 1
+    assert f'cannot reach the taskfarm server at {url}' in one_line(result.stderr)
+    assert time.monotonic() - began < 20
+
+
+def test_missing_password_without_a_terminal_is_one_clear_line(live_server):
+    env = cli_env(live_server)
+    del env['TASKFARM_PASSWORD']
+    result = taskfarm(live_server, 'list', env=env)
+    assert result.returncode == 1
+    assert 'no password' in one_line(result.stderr)
+
+
+def test_client_raises_typed_errors(live_server):
+    with pytest.raises(AuthError):
+        Client(live_server.url, live_server.user, 'wrong').runs()
+    with pytest.raises(NotFound):
+        Client(live_server.url, live_server.user, live_server.password).run_info(UNKNOWN_RUN)
+    with pytest.raises(Unreachable):
+        Client(f'http://127.0.0.1:{free_port()}', 'a', 'b', retry_seconds=0).runs()
+
+
+def test_client_renews_a_token_the_server_refuses(live_server):
+    stale = Client(live_server.url, live_server.user, live_server.password, token='expired')
+    assert stale.runs() == []
+    assert stale.token() != 'expired'
+
+
+# ---------------------------------------------------------------------------
+# The original taskfarm_worker API
+
+
+def test_original_worker_script_runs_unchanged(live_server):
+    user, password, url_base = live_server.user, live_server.password, live_server.url + '/api/'
+    tf = TaskFarm(user, password, numTasks=5, url_base=url_base)
+    worker = TaskFarmWorker(user, password, tf.uuid, url_base=url_base)
+    seen = []
+    for task in worker.tasks:
+        seen.append(task)
+        worker.update(50)
+        assert tf.getTaskInfo(task, 'percentCompleted') == 50
+        worker.update(100)
+        worker.done()
+
+    assert seen == [0, 1, 2, 3, 4]
+    assert (tf.numDone, tf.numWaiting, tf.numComputing, tf.percentDone) == (5, 0, 0, 100)
+    assert tf.info('')['numTasks'] == 5
+    assert tf.uuid in [run['uuid'] for run in tfRuns(user, password, url_base=url_base)]
+
+
+def test_done_marks_a_task_done_only_at_100_percent(live_server):
+    user, password, url_base = live_server.user, live_server.password, live_server.api
+    tf = TaskFarm(user, password, numTasks=2, url_base=url_base)
+    worker = TaskFarmWorker(user, password, tf.uuid, url_base=url_base)
+    task = worker.task
+    worker.update(60)
+    worker.done()
+    assert tf.getTaskInfo(task, 'status') == 'computing'
+    assert worker.task == 1                  # the next task, not the same one again
+
+
+def test_taskfarm_loads_restarts_sets_and_deletes_a_run(live_server):
+    user, password, url_base = live_server.user, live_server.password, live_server.api
+    created = TaskFarm(user, password, numTasks=3, url_base=url_base)
+    loaded = TaskFarm(user, password, uuid=created.uuid, url_base=url_base)
+    assert loaded.numTasks == 3
+
+    loaded.setTaskInfo(2, 'status', 'done')
+    assert loaded.getTaskInfo(2, 'status') == 'done'
+    with pytest.raises(RuntimeError):
+        loaded.getTaskInfo(3, 'status')
+    loaded.restart(everything=True)
+    assert loaded.getTaskInfo(2, '')['status'] == 'waiting'
+    loaded.delete()
+    with pytest.raises(RuntimeError):
+        TaskFarm(user, password, uuid=created.uuid, url_base=url_base)
+
+
+def test_taskfarm_wrong_password_raises_runtime_error(live_server):
+    with pytest.raises(RuntimeError, match='wrong user name or password'):
+        TaskFarm(live_server.user, 'wrong', numTasks=1, url_base=live_server.api)
