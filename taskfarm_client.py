@@ -284,13 +284,20 @@ class Client:
 
     def update_task(self, uuid: str, task: int,
                     percent_completed: float | None = None,
-                    status: str | None = None) -> None:
-        """PUT /api/runs/{uuid}/tasks/{task} : progress and/or status."""
+                    status: str | None = None,
+                    worker_uuid: str | None = None) -> None:
+        """PUT /api/runs/{uuid}/tasks/{task} : progress and/or status.
+
+        With worker_uuid, the server refuses (409) unless that worker still
+        holds the task.
+        """
         body: dict[str, Any] = {}
         if percent_completed is not None:
             body['percentCompleted'] = percent_completed
         if status is not None:
             body['status'] = status
+        if worker_uuid is not None:
+            body['worker_uuid'] = worker_uuid
         self.request('PUT', run_path(uuid, 'tasks', str(task)), body,
                      ok=(204,))
 
@@ -757,11 +764,11 @@ class WorkPool:
             if signalled:
                 self._put_back(task)
             elif code == 0:
-                self.client.update_task(self.run_uuid, task, 100, 'done')
-                self._count('num_done')
+                if self._update(task, percent_completed=100, status='done'):
+                    self._count('num_done')
             else:
-                self.client.update_task(self.run_uuid, task, status='failed')
-                self._count('num_failed')
+                if self._update(task, status='failed'):
+                    self._count('num_failed')
                 self._show_failure(task, code, stderr_tail)
         finally:
             with self._lock:
@@ -809,14 +816,31 @@ class WorkPool:
     def _report_progress(self, task: int, percent: float) -> None:
         # Progress is a courtesy: a lost update must not stop the task.
         try:
-            self.client.update_task(self.run_uuid, task, percent_completed=percent)
+            self._update(task, percent_completed=percent)
         except TaskfarmError as exc:
             self._write(self.err, f'taskfarm: task {task}: progress not '
                                   f'recorded: {exc}\n')
 
     def _put_back(self, task: int) -> None:
-        self.client.update_task(self.run_uuid, task, status='waiting')
-        self._count('num_put_back')
+        if self._update(task, status='waiting'):
+            self._count('num_put_back')
+
+    def _update(self, task: int, **change: Any) -> bool:
+        """Update a task this worker holds; False if it no longer holds it.
+
+        A task whose lease ran out (this machine was too slow to send a
+        heartbeat, say) may have gone to another worker: leave it to them.
+        """
+        try:
+            self.client.update_task(self.run_uuid, task, worker_uuid=self.worker_uuid,
+                                    **change)
+        except TaskfarmError as exc:
+            if exc.status != 409:
+                raise
+            self._write(self.err, f'taskfarm: task {task}: another worker holds it now '
+                                  '(this lease ran out); leaving it to them\n')
+            return False
+        return True
 
     # -- shared state ------------------------------------------------------
 
