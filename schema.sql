@@ -69,6 +69,8 @@ CREATE INDEX IF NOT EXISTS tasks_leased ON tasks (run_id, lease_expires)
     WHERE status = 'computing' AND lease_expires IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_held ON tasks (worker_id)
     WHERE status = 'computing';
+-- The dashboard: a run's computing and failed tasks, and its recently done.
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (run_id, status, updated);
 
 CREATE TABLE IF NOT EXISTS run_stats (
     run_id    integer NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
@@ -176,6 +178,8 @@ CREATE INDEX IF NOT EXISTS tasks_leased ON tasks (run_id, lease_expires)
     WHERE status = 'computing' AND lease_expires IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_held ON tasks (worker_id)
     WHERE status = 'computing';
+-- The dashboard: a run's computing and failed tasks, and its recently done.
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (run_id, status, updated);
 
 CREATE TABLE IF NOT EXISTS run_stats (
     run_id    integer NOT NULL REFERENCES runs (id) ON DELETE CASCADE,

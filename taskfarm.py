@@ -692,7 +692,8 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     name, sep, password = decoded.partition(':')
-    return (name, password) if sep else None
+    # No user name holds a NUL, and PostgreSQL text cannot even be queried with one.
+    return (name, password) if sep and '\0' not in name else None
 
 
 class AuthMiddleware:
@@ -921,6 +922,7 @@ INDEX_PAGE = """<!DOCTYPE html>
 The HTTP API is under <code>/api/</code>; see the project's README.md for the
 API table and <a href="https://taskfarm.readthedocs.io/en/latest/">the
 original taskfarm documentation</a>.</p>
+<p><a href="/runs">The dashboard: your runs</a> (sign in as your taskfarm user).</p>
 </body></html>
 """
 
@@ -1223,6 +1225,8 @@ def create_app(db: Database, config: Config | None = None) -> falcon.App:
     app.add_route('/api/worker', workers)
     app.add_route('/api/workers', workers)
     app.add_route('/api/workers/{uuid}/heartbeat', workers, suffix='heartbeat')
+    import dashboard  # here: dashboard imports this module
+    dashboard.add_dashboard(app, db, secret)
     return app
 
 
@@ -1249,13 +1253,14 @@ def serve(argv: list[str] | None = None) -> None:
     import waitress
 
     listener = socket.create_server((args.host, args.port))
-    port = listener.getsockname()[1]    # the real one, when --port 0
-    print(f'taskfarm {__version__} serving on http://{args.host}:{port} '
-          f'({args.workers} process(es) x {args.threads} threads)', flush=True)
-    children = fork_servers(args.workers)
-    # Each process opens its own database connections, after the fork.
+    children, is_child = fork_servers(args.workers)
+    app = get_app()     # after the fork: each process has its own connections
+    if not is_child:
+        port = listener.getsockname()[1]    # the real one, when --port 0
+        print(f'taskfarm {__version__} serving on http://{args.host}:{port} '
+              f'({args.workers} process(es) x {args.threads} threads)', flush=True)
     try:
-        waitress.serve(get_app(), sockets=[listener], threads=args.threads,
+        waitress.serve(app, sockets=[listener], threads=args.threads,
                        connection_limit=1000, channel_timeout=120,
                        max_request_body_size=MAX_BODY_BYTES, ident='taskfarm')
     finally:
@@ -1263,8 +1268,8 @@ def serve(argv: list[str] | None = None) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def fork_servers(count: int) -> list[int]:
-    """Fork count - 1 more server processes; the parent gets their pids.
+def fork_servers(count: int) -> tuple[list[int], bool]:
+    """Fork count - 1 more server processes: (their pids, whether this is one).
 
     A child asks the kernel for SIGTERM when its parent dies, so stopping
     the one command (even with SIGKILL) stops them all.
@@ -1275,12 +1280,15 @@ def fork_servers(count: int) -> list[int]:
         if pid == 0:
             import ctypes
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-            return []
+            return [], True
         children.append(pid)
     if children:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    return children
+    return children, False
 
 
 if __name__ == '__main__':
-    serve()
+    # Serve from the module `taskfarm`, not `__main__`, so that modules
+    # importing taskfarm (the dashboard) share its classes.
+    import taskfarm
+    taskfarm.serve()
