@@ -40,7 +40,7 @@ ADD_USER = """
     INSERT INTO users (username, password_hash, token_stamp, is_admin)
     VALUES (:username, :password_hash, :token_stamp, :is_admin)
 """
-TABLES = 'tasks, run_stats, runs, workers, users, settings'
+TABLES = 'tasks, run_stats, run_frontier, runs, workers, users, settings'
 
 
 @pytest.fixture(scope='session')

@@ -3,13 +3,15 @@
 --
 -- A run of N tasks is one row in `runs`: task rows are written only when a
 -- task is first handed out or changed, so creating a run of 10^9 tasks costs
--- the same as a run of 10. Numbers below `runs.next_task` have been handed
--- out; a task with no row is waiting.
+-- the same as a run of 10. A task with no row is waiting. Fresh numbers come
+-- from the run's 8 `run_frontier` rows: row s hands out s, s + 8, s + 16, ...
+-- so that up to 8 hand-outs of one run never wait on each other.
 --
 -- `run_stats` keeps the counts per run, split over 8 slots (task % 8) so that
 -- concurrent progress updates rarely wait on the same row. Triggers keep them
 -- true on every insert and update of a task, so reading a run's status never
 -- scans its tasks. Tasks are deleted only with their run (and its stats).
+-- PostgreSQL and sqlite differ only in id columns and triggers.
 
 -- @postgresql
 
@@ -31,7 +33,6 @@ CREATE TABLE IF NOT EXISTS runs (
     uuid         text NOT NULL UNIQUE,
     owner_id     integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     num_tasks    integer NOT NULL CHECK (num_tasks > 0),
-    next_task    integer NOT NULL DEFAULT 0,
     name         text,
     timeout      integer,             -- lease in seconds; NULL: never taken back
     max_attempts integer,
@@ -82,43 +83,69 @@ CREATE TABLE IF NOT EXISTS run_stats (
     PRIMARY KEY (run_id, slot)
 );
 
+CREATE TABLE IF NOT EXISTS run_frontier (
+    run_id    integer NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    shard     integer NOT NULL,
+    next_task integer NOT NULL,
+    PRIMARY KEY (run_id, shard)
+);
+
 CREATE OR REPLACE FUNCTION add_run_stats() RETURNS trigger AS $$
 BEGIN
     INSERT INTO run_stats (run_id, slot)
     SELECT NEW.id, slot FROM generate_series(0, 7) AS slot;
+    INSERT INTO run_frontier (run_id, shard, next_task)
+    SELECT NEW.id, shard, shard FROM generate_series(0, 7) AS shard;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 
 CREATE OR REPLACE TRIGGER run_created AFTER INSERT ON runs
     FOR EACH ROW EXECUTE FUNCTION add_run_stats();
 
--- One function for inserts and updates: a new row counts as a change from
--- a waiting task at 0%.
-CREATE OR REPLACE FUNCTION count_task_change() RETURNS trigger AS $$
-DECLARE
-    old_status text := 'waiting';
-    old_percent double precision := 0;
+-- Statement-level triggers: a restart of a million tasks adds its changes
+-- up once, instead of updating the same 8 stats rows a million times.
+CREATE OR REPLACE FUNCTION count_inserted_tasks() RETURNS trigger AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        old_status := OLD.status;
-        old_percent := OLD.percent;
-    END IF;
-    UPDATE run_stats SET
-        computing = computing + (NEW.status = 'computing')::int - (old_status = 'computing')::int,
-        done      = done      + (NEW.status = 'done')::int      - (old_status = 'done')::int,
-        failed    = failed    + (NEW.status = 'failed')::int    - (old_status = 'failed')::int,
-        percent   = percent   + NEW.percent - old_percent
-    WHERE run_id = NEW.run_id AND slot = NEW.task % 8;
+    UPDATE run_stats s SET
+        computing = s.computing + d.computing, done = s.done + d.done,
+        failed = s.failed + d.failed, percent = s.percent + d.percent
+    FROM (SELECT run_id, task % 8 AS slot,
+                 count(*) FILTER (WHERE status = 'computing') AS computing,
+                 count(*) FILTER (WHERE status = 'done') AS done,
+                 count(*) FILTER (WHERE status = 'failed') AS failed,
+                 sum(percent) AS percent
+          FROM new_rows GROUP BY 1, 2) d
+    WHERE s.run_id = d.run_id AND s.slot = d.slot;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
 
-CREATE OR REPLACE TRIGGER task_inserted AFTER INSERT ON tasks
-    FOR EACH ROW EXECUTE FUNCTION count_task_change();
+CREATE OR REPLACE FUNCTION count_updated_tasks() RETURNS trigger AS $$
+BEGIN
+    UPDATE run_stats s SET
+        computing = s.computing + d.computing, done = s.done + d.done,
+        failed = s.failed + d.failed, percent = s.percent + d.percent
+    FROM (SELECT n.run_id, n.task % 8 AS slot,
+                 count(*) FILTER (WHERE n.status = 'computing')
+                 - count(*) FILTER (WHERE o.status = 'computing') AS computing,
+                 count(*) FILTER (WHERE n.status = 'done')
+                 - count(*) FILTER (WHERE o.status = 'done') AS done,
+                 count(*) FILTER (WHERE n.status = 'failed')
+                 - count(*) FILTER (WHERE o.status = 'failed') AS failed,
+                 sum(n.percent - o.percent) AS percent
+          FROM new_rows n JOIN old_rows o ON o.id = n.id
+          WHERE n.status <> o.status OR n.percent <> o.percent
+          GROUP BY 1, 2) d
+    WHERE s.run_id = d.run_id AND s.slot = d.slot;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
 
-CREATE OR REPLACE TRIGGER task_changed AFTER UPDATE OF status, percent ON tasks
-    FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.percent IS DISTINCT FROM NEW.percent)
-    EXECUTE FUNCTION count_task_change();
+CREATE OR REPLACE TRIGGER tasks_inserted AFTER INSERT ON tasks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION count_inserted_tasks();
+
+CREATE OR REPLACE TRIGGER tasks_updated AFTER UPDATE ON tasks
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION count_updated_tasks();
 
 -- @sqlite
 
@@ -140,7 +167,6 @@ CREATE TABLE IF NOT EXISTS runs (
     uuid         text NOT NULL UNIQUE,
     owner_id     integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     num_tasks    integer NOT NULL CHECK (num_tasks > 0),
-    next_task    integer NOT NULL DEFAULT 0,
     name         text,
     timeout      integer,
     max_attempts integer,
@@ -191,11 +217,21 @@ CREATE TABLE IF NOT EXISTS run_stats (
     PRIMARY KEY (run_id, slot)
 );
 
+CREATE TABLE IF NOT EXISTS run_frontier (
+    run_id    integer NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    shard     integer NOT NULL,
+    next_task integer NOT NULL,
+    PRIMARY KEY (run_id, shard)
+);
+
 CREATE TRIGGER IF NOT EXISTS run_created AFTER INSERT ON runs
 BEGIN
     INSERT INTO run_stats (run_id, slot)
     VALUES (NEW.id, 0), (NEW.id, 1), (NEW.id, 2), (NEW.id, 3),
            (NEW.id, 4), (NEW.id, 5), (NEW.id, 6), (NEW.id, 7);
+    INSERT INTO run_frontier (run_id, shard, next_task)
+    VALUES (NEW.id, 0, 0), (NEW.id, 1, 1), (NEW.id, 2, 2), (NEW.id, 3, 3),
+           (NEW.id, 4, 4), (NEW.id, 5, 5), (NEW.id, 6, 6), (NEW.id, 7, 7);
 END;
 
 CREATE TRIGGER IF NOT EXISTS task_inserted AFTER INSERT ON tasks

@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -133,18 +134,21 @@ RESTART_ALL = """
 
 # The hand-out. Order: rows that are waiting (or whose lease ran out),
 # lowest number first; else the next number never handed out.
-CLAIM_TASK = Dialects(
-    # One statement, atomic across any number of server processes: a row is
-    # claimed under FOR UPDATE SKIP LOCKED, so two hand-outs never take the
-    # same row nor wait on each other; a fresh number comes from incrementing
-    # runs.next_task, which PostgreSQL serialises on the run's row. A fresh
-    # number that already has a row (a PUT made it) is claimed only if it is
-    # waiting; otherwise the last branch says "stepped over, ask again".
-    postgresql=f"""
+#
+# Fresh numbers come from the run's 8 frontier rows (run_frontier): row s
+# hands out s, s + 8, s + 16, ... A hand-out takes the frontier row with the
+# lowest next number, so numbers go out in order, yet up to 8 hand-outs of
+# one run proceed at once instead of queueing on a single hot row.
+FRONTIER_SHARDS = 8
+
+
+def claim_statement(frontier_order: str, frontier_lock: str) -> str:
+    """The PostgreSQL hand-out, with a choice of how to take a frontier row."""
+    return f"""
     WITH worker AS (
         SELECT id FROM workers WHERE uuid = :worker AND {OWNED}
     ), run AS (
-        SELECT id, timeout, max_attempts FROM runs
+        SELECT id, num_tasks, timeout, max_attempts FROM runs
         WHERE uuid = :run AND {OWNED} AND EXISTS (SELECT 1 FROM worker)
     ), exhausted AS (
         UPDATE tasks SET status = 'failed', updated = :now
@@ -174,17 +178,23 @@ CLAIM_TASK = Dialects(
         FROM run, reclaim
         WHERE tasks.id = reclaim.id
         RETURNING tasks.id, tasks.task, tasks.percent, tasks.attempts
-    ), fresh AS (
-        UPDATE runs SET next_task = next_task + 1
-        WHERE id = (SELECT id FROM run) AND next_task < num_tasks
+    ), frontier AS (
+        SELECT f.run_id, f.shard FROM run_frontier f, run
+        WHERE f.run_id = run.id AND f.next_task < run.num_tasks
           AND NOT EXISTS (SELECT 1 FROM reclaim)
-        RETURNING id, next_task - 1 AS task, timeout
+        ORDER BY {frontier_order} LIMIT 1
+        {frontier_lock}
+    ), fresh AS (
+        UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
+        FROM frontier
+        WHERE f.run_id = frontier.run_id AND f.shard = frontier.shard
+        RETURNING f.run_id, f.next_task - {FRONTIER_SHARDS} AS task
     ), created AS (
         INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
                            updated, lease_expires)
-        SELECT id, task, 'computing', (SELECT id FROM worker), 1, :now, :now,
-               :now + timeout
-        FROM fresh
+        SELECT fresh.run_id, fresh.task, 'computing', (SELECT id FROM worker), 1,
+               :now, :now, :now + run.timeout
+        FROM fresh, run
         ON CONFLICT (run_id, task) DO UPDATE
         SET status = 'computing', worker_id = EXCLUDED.worker_id,
             attempts = tasks.attempts + 1, started = :now, updated = :now,
@@ -196,11 +206,25 @@ CLAIM_TASK = Dialects(
     UNION ALL SELECT id, task, percent, attempts FROM created
     UNION ALL SELECT NULL, task, NULL, NULL FROM fresh
               WHERE NOT EXISTS (SELECT 1 FROM created)
-    """,
+    UNION ALL SELECT NULL, NULL, NULL, NULL FROM run
+              WHERE NOT EXISTS (SELECT 1 FROM reclaim)
+                AND NOT EXISTS (SELECT 1 FROM frontier)
+                AND EXISTS (SELECT 1 FROM run_frontier f
+                            WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
+    """
+
+
+CLAIM_TASK = Dialects(
+    # One statement, atomic across any number of server processes: rows are
+    # taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take the
+    # same task nor wait on each other. The answer is the task, or a marker
+    # row: (NULL, n) "number n already had a row that a PUT finished:
+    # stepped over, ask again"; (NULL, NULL) "every frontier row was busy".
+    postgresql=claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED'),
     # sqlite has no data-modifying CTEs; the same steps run as statements in
     # one BEGIN IMMEDIATE transaction, atomic because sqlite has one writer.
     sqlite="""
-    SELECT r.id AS run_id, r.timeout, r.max_attempts, w.id AS worker_id
+    SELECT r.id AS run_id, r.num_tasks, r.timeout, r.max_attempts, w.id AS worker_id
     FROM runs r, workers w
     WHERE r.uuid = :run AND (r.owner_id = :user_id OR :is_admin)
       AND w.uuid = :worker AND (w.owner_id = :user_id OR :is_admin);
@@ -227,9 +251,12 @@ CLAIM_TASK = Dialects(
         ) ORDER BY task LIMIT 1)
     RETURNING id, task, percent, attempts;
 
-    UPDATE runs SET next_task = next_task + 1
-    WHERE id = :run_id AND next_task < num_tasks
-    RETURNING next_task - 1 AS task;
+    UPDATE run_frontier SET next_task = next_task + 8
+    WHERE run_id = :run_id AND shard = (
+        SELECT shard FROM run_frontier
+        WHERE run_id = :run_id AND next_task < :num_tasks
+        ORDER BY next_task LIMIT 1)
+    RETURNING next_task - 8 AS task;
 
     INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
                        updated, lease_expires)
@@ -242,6 +269,19 @@ CLAIM_TASK = Dialects(
     RETURNING id, task, percent, attempts
     """,
 )
+
+# Moves a run's frontier past the first :count tasks, for tools that fill a
+# run with task rows directly (tests, benchmarks).
+ADVANCE_FRONTIER = """
+    UPDATE run_frontier
+    SET next_task = :count + ((shard - :count) % 8 + 8) % 8
+    WHERE run_id = :run_id
+"""
+
+# When every frontier row is busy: wait for one, starting from a random
+# shard so that the waiting hand-outs spread over all of them.
+CLAIM_TASK_WAITING = claim_statement(
+    f'(f.shard + :spread) % {FRONTIER_SHARDS}', 'FOR UPDATE OF f')
 
 GET_TASK = f"""
     SELECT r.num_tasks, t.id, t.status, t.percent, t.attempts
@@ -1042,14 +1082,18 @@ class TaskHandout:
     def claim(self, params: dict) -> dict | None:
         # A fresh number that a PUT already gave a row is stepped over; each
         # step moves the frontier on, so this loop ends.
+        statement = CLAIM_TASK
         while True:
             params['now'] = time.time()
             if self.db.dialect == 'postgresql':
-                row = self.db.one(CLAIM_TASK, params)
+                row = self.db.one(statement, params)
             else:
                 row = self.claim_sqlite(params)
             if row is None or row['id'] is not None:
                 return row
+            if row['task'] is None:     # every frontier row was busy
+                statement = CLAIM_TASK_WAITING
+                params['spread'] = random.randrange(FRONTIER_SHARDS)
 
     def claim_sqlite(self, params: dict) -> dict | None:
         find, exhaust, reclaim, advance, create = self.sqlite_steps
@@ -1066,7 +1110,7 @@ class TaskHandout:
             if fresh is None:
                 return None
             row = tx.one(create, {**params, 'task': fresh['task']})
-            return row if row is not None else {'id': None}
+            return row if row is not None else {'id': None, 'task': fresh['task']}
 
     def explain_nothing(self, params: dict) -> None:
         """Nothing handed out: 404 if the run or worker is unknown, else 204."""
