@@ -88,7 +88,11 @@ def empty_database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequ
 def database_url(request: pytest.FixtureRequest, tmp_path: Path,
                  password_hashes: dict[str, str]) -> str:
     """A seeded, otherwise empty database of each backend."""
-    url = empty_database_url(request.param, tmp_path, request)
+    return seeded(empty_database_url(request.param, tmp_path, request), password_hashes)
+
+
+def seeded(url: str, password_hashes: dict[str, str]) -> str:
+    """The database at url, seeded (see seed)."""
     db = taskfarm.open_database(taskfarm.Config(database_url=url))
     try:
         seed(db, password_hashes)

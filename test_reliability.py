@@ -48,6 +48,7 @@ from conftest import (
     LiveServer,
     empty_database_url,
     seed,
+    seeded,
     start_server,
 )
 
@@ -501,13 +502,7 @@ print("released", flush=True)
 
 @pytest.fixture
 def sqlite_database_url(tmp_path: Path, password_hashes: dict[str, str]) -> str:
-    url = f'sqlite:///{tmp_path / "taskfarm.db"}'
-    db = taskfarm.open_database(taskfarm.Config(database_url=url))
-    try:
-        seed(db, password_hashes)
-    finally:
-        db.close()
-    return url
+    return seeded(f'sqlite:///{tmp_path / "taskfarm.db"}', password_hashes)
 
 
 @pytest.fixture
