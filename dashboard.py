@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 import falcon
 
 import taskfarm
-from taskfarm import DELETE_RUN, OWNED, RESTART_ALL, RESTART_UNFINISHED
+from taskfarm import OWNED, RESTART_ALL, RESTART_UNFINISHED
 
 REFRESH_SECONDS = 5
 RUNS_SHOWN = 100            # newest runs on /runs
@@ -603,7 +603,7 @@ class RunPage:
         form = self.checked_form(req, uuid)
         run = self.find(req, uuid)
         if self.confirm(req, resp, run, form, DELETE):
-            if self.db.one(DELETE_RUN, {'run': uuid, **taskfarm.owner(req)}) is None:
+            if not taskfarm.delete_run(self.db, {'run': uuid, **taskfarm.owner(req)}):
                 raise taskfarm.run_not_found(uuid)
             raise falcon.HTTPSeeOther('/runs')
 

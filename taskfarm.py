@@ -113,6 +113,18 @@ RUN_STATUS = f"""
     GROUP BY r.id
 """
 
+# A delete first takes the run's frontier rows, in the order hand-outs take
+# them: otherwise a hand-out holding one and waiting for the run's row (to
+# insert its task) deadlocks with the delete cascading to that frontier row.
+LOCK_FRONTIER = Dialects(
+    postgresql="""
+    SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id
+    WHERE r.uuid = :run AND (r.owner_id = :user_id OR :is_admin)
+    FOR UPDATE OF f
+    """,
+    sqlite='SELECT 1',   # the transaction already holds sqlite's one write lock
+)
+
 DELETE_RUN = f"""
     DELETE FROM runs
     WHERE uuid = :run AND {OWNED}
@@ -1035,7 +1047,7 @@ class Run:
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
         check_uuid(uuid)
-        if self.db.one(DELETE_RUN, {'run': uuid, **owner(req)}) is None:
+        if not delete_run(self.db, {'run': uuid, **owner(req)}):
             raise run_not_found(uuid)
         resp.status = falcon.HTTP_204
 
@@ -1172,6 +1184,13 @@ class Task:
             title='Task not held',
             description=f"Worker {params['worker']!r} does not hold task {params['task']}: "
                         'its lease ran out or the run was restarted.')
+
+
+def delete_run(db: Database, params: dict) -> bool:
+    """Delete a run and all its tasks; False if there is no such run of the user's."""
+    with db.transaction() as tx:
+        tx.all(LOCK_FRONTIER, params)
+        return tx.one(DELETE_RUN, params) is not None
 
 
 def check_task_number(task_id: int, num_tasks: int) -> None:

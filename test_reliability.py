@@ -500,6 +500,40 @@ print("released", flush=True)
 """
 
 
+def test_run_deleted_while_workers_take_its_tasks_is_gone_without_a_5xx(database_url, servers):
+    """A delete races 32 workers claiming tasks: 204, and they see 201 or 404."""
+    server = servers(workers=2)
+    owner = token_api(server.url)
+    run = create_run(owner, 10**6)
+    seen: list[int] = []
+    started = threading.Event()
+    stop = time.monotonic() + 60
+
+    def worker() -> None:
+        api = owner.to(server.url)
+        me = register_worker(api)
+        while time.monotonic() < stop:
+            reply = api.call('POST', f'runs/{run}/task', {'worker_uuid': me})
+            seen.append(reply.status)
+            started.set()
+            if reply.status == 404:
+                return
+        api.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    assert started.wait(timeout=10)
+    wait_until(lambda: len(seen) > 3000, 30, 'the workers to hand out 3000 tasks')
+    assert owner.call('DELETE', f'runs/{run}').status == 204
+    for thread in threads:
+        thread.join(timeout=40)
+        assert not thread.is_alive()
+    assert set(seen) <= {201, 204, 404}, sorted(set(seen))
+    assert seen.count(404) == 32
+    assert owner.call('GET', f'runs/{run}').status == 404
+
+
 @pytest.fixture
 def sqlite_database_url(tmp_path: Path, password_hashes: dict[str, str]) -> str:
     return seeded(f'sqlite:///{tmp_path / "taskfarm.db"}', password_hashes)
