@@ -1318,10 +1318,13 @@ def serve(argv: list[str] | None = None) -> None:
     import logging
 
     import waitress
+    import waitress.channel
+    import waitress.task
 
     # waitress warns for every request that waits for a thread; under load
     # that is thousands of lines and ~4% of the server's time.
     logging.getLogger('waitress.queue').setLevel(logging.ERROR)
+    waitress.channel.HTTPChannel.task_class = keep_alive_task(waitress.task.WSGITask)
 
     listener = socket.create_server((args.host, args.port))
     children, is_child = fork_servers(args.workers)
@@ -1337,6 +1340,22 @@ def serve(argv: list[str] | None = None) -> None:
     finally:
         for pid in children:
             os.kill(pid, signal.SIGTERM)
+
+
+def keep_alive_task(base: type) -> type:
+    """waitress's WSGI task, keeping the connection open after a 204.
+
+    waitress 3.0.2 closes the connection after any response without a
+    Content-Length, even one that has no body and must not carry one (204,
+    304): every progress PUT would cost a new connection.
+    """
+    class KeepAliveTask(base):
+        def set_close_on_finish(self) -> None:
+            closing = self.request.headers.get('CONNECTION', '').lower() == 'close'
+            if self.has_body or self.version != '1.1' or closing:
+                super().set_close_on_finish()
+
+    return KeepAliveTask
 
 
 def fork_servers(count: int) -> tuple[list[int], bool]:

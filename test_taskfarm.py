@@ -4,6 +4,7 @@ and the original client `taskfarm-worker` 0.4.0 against a live server."""
 from __future__ import annotations
 
 import base64
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -601,6 +602,30 @@ def test_original_client_run_methods(live_server):
     tf.delete()
     with pytest.raises(RuntimeError):
         TaskFarm(user, password, uuid=tf.uuid, url_base=url)
+
+
+def test_live_server_keeps_the_connection_open_after_a_204(live_server):
+    """A worker's progress PUTs answer 204: each must not cost a new connection."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(live_server.url).hostname,
+                                       urlsplit(live_server.url).port, timeout=10)
+    auth = 'Basic ' + base64.b64encode(f'alice:{PASSWORDS["alice"]}'.encode()).decode()
+    headers = {'Authorization': auth, 'Content-Type': 'application/json'}
+    conn.request('POST', '/api/run', '{"numTasks": 2}', headers)
+    run = json.loads(conn.getresponse().read())['uuid']
+    sock = conn.sock
+    for percent in (10, 20, 30):
+        conn.request('PUT', f'/api/runs/{run}/tasks/0', f'{{"percentCompleted": {percent}}}',
+                     headers)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 204 and resp.getheader('Connection') != 'close'
+    conn.request('GET', f'/api/runs/{run}/tasks/0?info=percentCompleted', headers=headers)
+    assert json.loads(conn.getresponse().read()) == {'percentCompleted': 30}
+    assert conn.sock is sock        # the same connection all along
+    conn.close()
 
 
 def manage(url: str, *args: str) -> str:
