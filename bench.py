@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ctypes
 import http.client
 import itertools
 import json
@@ -83,7 +82,6 @@ WARMUP_SECONDS = 0.5
 # Worker cycles take longer to settle: at 64 clients the original needs more
 # than a second to hand out the first task to every client.
 CYCLE_WARMUP_SECONDS = 1.5
-PR_SET_PDEATHSIG = 1
 # How long after its window a load process may take to give up its in-flight
 # requests; bounds every load point even if a server hangs.
 LOAD_GRACE_SECONDS = 10.0
@@ -119,21 +117,6 @@ def create_ceiling_app() -> Any:
     app = falcon.App()
     app.add_sink(answer, prefix='/')
     return app
-
-
-def serve_forked(app: Any, port: int, threads: int, workers: int) -> None:
-    """Serve app as taskfarm.py's serve() does: waitress in `workers` processes
-    (this one and workers - 1 forks) sharing one listening socket."""
-    import waitress
-
-    listener = socket.create_server((HOST, port))
-    for _ in range(workers - 1):
-        if os.fork() == 0:
-            # Die with the parent, however it ends.
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            break
-    waitress.serve(app, sockets=[listener], threads=threads, connection_limit=1000,
-                   channel_timeout=120, _quiet=True)
 
 
 # --- load generator -------------------------------------------------------
@@ -1516,7 +1499,9 @@ def choose_loadgen(option: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     if args.command == 'serve-ceiling':
-        serve_forked(create_ceiling_app(), args.port, args.threads, args.workers)
+        import taskfarm
+        taskfarm.serve_with_waitress(create_ceiling_app, HOST, args.port, args.threads,
+                                     args.workers, 'bare Falcon ceiling')
         return
     settings = Settings(args.duration, args.repeats,
                         tuple(int(c) for c in args.connections.split(',')),

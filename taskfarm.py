@@ -237,7 +237,7 @@ CLAIM_TASK = Dialects(
     # one BEGIN IMMEDIATE transaction, atomic because sqlite has one writer.
     # INDEXED BY: once ANALYZE has run, sqlite would rather walk the whole
     # (run_id, task) index in task order (62 ms at 10^6 tasks, not 0.1 ms).
-    sqlite="""
+    sqlite=f"""
     SELECT r.id AS run_id, r.num_tasks, r.timeout, r.max_attempts, w.id AS worker_id
     FROM runs r, workers w
     WHERE r.uuid = :run AND (r.owner_id = :user_id OR :is_admin)
@@ -265,12 +265,12 @@ CLAIM_TASK = Dialects(
         ) ORDER BY task LIMIT 1)
     RETURNING id, task, percent, attempts;
 
-    UPDATE run_frontier SET next_task = next_task + 8
+    UPDATE run_frontier SET next_task = next_task + {FRONTIER_SHARDS}
     WHERE run_id = :run_id AND shard = (
         SELECT shard FROM run_frontier
         WHERE run_id = :run_id AND next_task < :num_tasks
         ORDER BY next_task LIMIT 1)
-    RETURNING next_task - 8 AS task;
+    RETURNING next_task - {FRONTIER_SHARDS} AS task;
 
     INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
                        updated, lease_expires)
@@ -286,9 +286,10 @@ CLAIM_TASK = Dialects(
 
 # Moves a run's frontier past the first :count tasks, for tools that fill a
 # run with task rows directly (tests, benchmarks).
-ADVANCE_FRONTIER = """
+ADVANCE_FRONTIER = f"""
     UPDATE run_frontier
-    SET next_task = :count + ((shard - :count) % 8 + 8) % 8
+    SET next_task = :count + ((shard - :count) % {FRONTIER_SHARDS} + {FRONTIER_SHARDS})
+                             % {FRONTIER_SHARDS}
     WHERE run_id = :run_id
 """
 
@@ -1314,7 +1315,17 @@ def serve(argv: list[str] | None = None) -> None:
     parser.add_argument('--workers', type=int, default=1,
                         help='server processes sharing the listening socket (default 1)')
     args = parser.parse_args(argv)
+    serve_with_waitress(get_app, args.host, args.port, args.threads, args.workers,
+                        f'taskfarm {__version__}')
 
+
+def serve_with_waitress(make_app: Callable[[], Any], host: str, port: int, threads: int,
+                        workers: int, label: str) -> None:
+    """Serve make_app() with waitress in `workers` processes on one socket.
+
+    The benchmark serves its bare-Falcon ceiling through this too, so both
+    run under the same server settings.
+    """
     import logging
 
     import waitress
@@ -1326,15 +1337,15 @@ def serve(argv: list[str] | None = None) -> None:
     logging.getLogger('waitress.queue').setLevel(logging.ERROR)
     waitress.channel.HTTPChannel.task_class = keep_alive_task(waitress.task.WSGITask)
 
-    listener = socket.create_server((args.host, args.port))
-    children, is_child = fork_servers(args.workers)
-    app = get_app()     # after the fork: each process has its own connections
+    listener = socket.create_server((host, port))
+    children, is_child = fork_servers(workers)
+    app = make_app()    # after the fork: each process has its own connections
     if not is_child:
-        port = listener.getsockname()[1]    # the real one, when --port 0
-        print(f'taskfarm {__version__} serving on http://{args.host}:{port} '
-              f'({args.workers} process(es) x {args.threads} threads)', flush=True)
+        port = listener.getsockname()[1]    # the real one, when port is 0
+        print(f'{label} serving on http://{host}:{port} '
+              f'({workers} process(es) x {threads} threads)', flush=True)
     try:
-        waitress.serve(app, sockets=[listener], threads=args.threads,
+        waitress.serve(app, sockets=[listener], threads=threads,
                        connection_limit=1000, channel_timeout=120,
                        max_request_body_size=MAX_BODY_BYTES, ident='taskfarm')
     finally:
