@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 import falcon
 
 import taskfarm
-from taskfarm import OWNED, RESTART_ALL, RESTART_UNFINISHED
+from taskfarm import OWNED, RESTART_ALL, RESTART_UNFINISHED, RUN_COUNTS
 
 REFRESH_SECONDS = 5
 RUNS_SHOWN = 100            # newest runs on /runs
@@ -43,11 +43,7 @@ MAX_FORM_BYTES = 4096
 
 RUN_SUMMARIES = """
     SELECT r.id, r.uuid, r.num_tasks, r.name, r.timeout, r.max_attempts, r.created,
-           u.username AS owner,
-           CAST(sum(s.computing) AS integer) AS computing,
-           CAST(sum(s.done) AS integer) AS done,
-           CAST(sum(s.failed) AS integer) AS failed,
-           sum(s.percent) AS percent,
+           u.username AS owner, {counts},
            count(*) OVER () AS total
     FROM runs r
     JOIN users u ON u.id = r.owner_id
@@ -57,8 +53,8 @@ RUN_SUMMARIES = """
     ORDER BY r.id DESC
     LIMIT :limit
 """
-LIST_RUN_SUMMARIES = RUN_SUMMARIES.format(which='1 = 1', owned=OWNED)
-ONE_RUN_SUMMARY = RUN_SUMMARIES.format(which='r.uuid = :run', owned=OWNED)
+LIST_RUN_SUMMARIES = RUN_SUMMARIES.format(which='1 = 1', owned=OWNED, counts=RUN_COUNTS)
+ONE_RUN_SUMMARY = RUN_SUMMARIES.format(which='r.uuid = :run', owned=OWNED, counts=RUN_COUNTS)
 
 # The newest done tasks of the window, at most :sample of them: exact up to
 # that many, and beyond it the rate over the newest :sample is as good.

@@ -102,12 +102,16 @@ FIND_RUN = f"""
     WHERE uuid = :run AND {OWNED}
 """
 
-RUN_STATUS = f"""
-    SELECT r.id, r.uuid, r.num_tasks, r.name, r.timeout, r.max_attempts,
+# A run's counts: its run_stats rows (alias s) added up; the API and the
+# dashboard both read them so.
+RUN_COUNTS = """
            CAST(sum(s.computing) AS integer) AS computing,
            CAST(sum(s.done) AS integer) AS done,
            CAST(sum(s.failed) AS integer) AS failed,
-           sum(s.percent) AS percent
+           sum(s.percent) AS percent"""
+
+RUN_STATUS = f"""
+    SELECT r.id, r.uuid, r.num_tasks, r.name, r.timeout, r.max_attempts, {RUN_COUNTS}
     FROM runs r JOIN run_stats s ON s.run_id = r.id
     WHERE r.uuid = :run AND {OWNED}
     GROUP BY r.id
