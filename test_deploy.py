@@ -1,10 +1,16 @@
-"""Deployment (issue 14), tested for real: login throttling and the client's
-address (X-Forwarded-For believed only from trusted proxies), through the
-API and on live servers, and what a password-guessing attacker costs the
-server's CPU with and without it.
+"""Deployment (issue 14), tested for real.
 
-The figures are printed: `pytest test_deploy.py -s` shows them. Every wait
-is bounded; timings are measured and shown, never asserted.
+- Login throttling and the client's address (X-Forwarded-For believed only
+  from trusted proxies), through the API and on live servers, and what a
+  password-guessing attacker costs the server's CPU with and without it.
+- Debian's nginx, run with the repo's own configuration (deploy/nginx/; the
+  test fills in ports and upstream addresses), terminating TLS with a
+  throwaway CA made by openssl, in front of two live servers on one
+  PostgreSQL database: the original client, the `taskfarm` command and a
+  load of workers go through it, and a server dies under it.
+
+The figures (exactly-once counts, the attacker's CPU) are printed:
+`pytest test_deploy.py -s` shows them. Every wait is bounded; timings are measured and shown, never asserted.
 """
 
 from __future__ import annotations
@@ -15,15 +21,22 @@ import http.client
 import json
 import logging
 import os
+import shutil
+import signal
+import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 import falcon.testing
 import pytest
@@ -32,7 +45,22 @@ import webtest
 import taskfarm
 from conftest import PASSWORDS, LiveServer, seeded, start_server
 
+HERE = Path(__file__).resolve().parent
+NGINX_CONFIG = HERE / 'deploy' / 'nginx'
+CLIENT = HERE / 'taskfarm_client.py'
 HTTP_TIMEOUT = 10           # seconds, on every HTTP call
+DONE = {'percentCompleted': 100, 'status': 'done'}
+
+
+def require(program: str, package: str) -> str:
+    """The program's path. Without it the test is skipped, or fails under CI."""
+    path = shutil.which(program) or shutil.which(program, path='/usr/sbin:/sbin')
+    if path is None:
+        why = f'needs {program}: apt-get install {package}, as .ci/run does'
+        if os.environ.get('CI'):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
 
 
 def wait_until(condition: Callable[[], Any], seconds: float, what: str) -> Any:
@@ -124,6 +152,137 @@ class Api:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+def create_run(api: Api, num_tasks: int, **extra: Any) -> str:
+    reply = api.call('POST', '/api/run', {'numTasks': num_tasks, **extra})
+    assert reply.status == 201, reply
+    return reply.body['uuid']
+
+
+def run_info(api: Api, run: str) -> dict:
+    reply = api.call('GET', f'/api/runs/{run}')
+    assert reply.status == 200, reply
+    return reply.body
+
+
+def listed_tasks(api: Api, run: str, status: str | None = None) -> list[dict]:
+    """Every task of the run that has a row (of that status), page by page."""
+    tasks: list[dict] = []
+    query = f'&status={status}' if status else ''
+    while True:
+        after = tasks[-1]['task'] if tasks else -1
+        reply = api.call('GET', f'/api/runs/{run}/tasks?limit=1000&after={after}{query}')
+        assert reply.status == 200, reply
+        if not reply.body['data']:
+            return tasks
+        tasks.extend(reply.body['data'])
+
+
+def assert_unavailable(reply: Reply) -> None:
+    """A 503 a worker can act on: a JSON error and a Retry-After."""
+    assert reply.status == 503, reply
+    assert reply.body['title'] and reply.body['description'], reply
+    assert int(reply.headers['Retry-After']) > 0, reply
+
+
+# ---------------------------------------------------------------------------
+# Workers under load, counting what they were handed and what it cost.
+
+
+@dataclass
+class Tally:
+    seen: list[int] = field(default_factory=list)       # tasks handed to a worker
+    reported: list[int] = field(default_factory=list)   # done reports answered 204
+    statuses: Counter = field(default_factory=Counter)  # every answer, by status
+    dropped: int = 0        # requests that got no answer at all
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (when, status or 0)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, status: int) -> None:
+        with self.lock:
+            self.statuses[status] += 1
+            self.timeline.append((time.monotonic(), status))
+            self.dropped += status == 0
+
+    @property
+    def retries(self) -> int:
+        return self.statuses[503] + self.dropped
+
+
+def answered(api: Api, method: str, path: str, body: Any, tally: Tally,
+             deadline: float) -> Reply:
+    """The first answer that is not a 503 nor a lost connection, asking again until then."""
+    while True:
+        try:
+            reply = api.call(method, path, body)
+        except (OSError, http.client.HTTPException):
+            tally.answer(0)
+        else:
+            tally.answer(reply.status)
+            if reply.status != 503:
+                return reply
+            assert_unavailable(reply)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'{method} {path}: no answer before the deadline')
+        time.sleep(0.05)    # the service is failing over: ask again, bounded by the deadline
+
+
+def work(api: Api, run: str, tally: Tally, deadline: float,
+         until_complete: bool = False, stop: threading.Event | None = None) -> None:
+    """Be a worker: take a task, report it done, until nothing waits (or told to stop).
+
+    until_complete: on "nothing waits", keep asking until the run is
+    complete, for tasks whose lease runs out (handed to a worker that died).
+    """
+    worker = uuid4().hex
+    registration = {'uuid': worker, 'hostname': 'loadhost', 'pid': os.getpid()}
+    assert answered(api, 'POST', '/api/worker', registration, tally, deadline).status == 201
+    while stop is None or not stop.is_set():
+        reply = answered(api, 'POST', f'/api/runs/{run}/task', {'worker_uuid': worker},
+                         tally, deadline)
+        if reply.status == 204:
+            if not until_complete or run_complete(api, run, tally, deadline):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError('the run did not complete before the deadline')
+            time.sleep(0.05)    # waiting for a lease to run out, bounded by the deadline
+            continue
+        assert reply.status == 201, reply
+        task = reply.body['task']
+        with tally.lock:
+            tally.seen.append(task)
+        reply = answered(api, 'PUT', f'/api/runs/{run}/tasks/{task}', DONE, tally, deadline)
+        assert reply.status == 204, reply
+        with tally.lock:
+            tally.reported.append(task)
+
+
+def run_complete(api: Api, run: str, tally: Tally, deadline: float) -> bool:
+    info = answered(api, 'GET', f'/api/runs/{run}', None, tally, deadline).body
+    return info['numDone'] == info['numTasks']
+
+
+def work_in_parallel(apis: list[Api], run: str, tally: Tally, seconds: float,
+                     meanwhile: Callable[[], None] | None = None, **options: Any) -> None:
+    """One worker thread per client; meanwhile() runs while they work."""
+    deadline = time.monotonic() + seconds
+    with ThreadPoolExecutor(max_workers=len(apis)) as pool:
+        futures = [pool.submit(work, api, run, tally, deadline, **options) for api in apis]
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            for future in futures:
+                future.result(timeout=seconds + 2 * HTTP_TIMEOUT)
+
+
+def assert_each_seen_once(seen: list[int], expected: set[int]) -> None:
+    twice = sorted(task for task, times in Counter(seen).items() if times > 1)
+    assert not twice, f'tasks handed to more than one worker: {twice[:20]}'
+    assert set(seen) == expected, (
+        f'never handed out: {sorted(expected - set(seen))[:20]}, '
+        f'unexpected: {sorted(set(seen) - expected)[:20]}')
 
 
 def figure(text: str) -> None:
@@ -335,3 +494,322 @@ def test_throttled_attacker_no_longer_costs_a_password_check_per_guess(sqlite_ur
            f'throttling on: {cores_after:.2f} cores busy, {after[401]} checks in all, '
            f'{after[429] / wall_after:.0f} answers 429/s, '
            f'{1000 * cores_after * wall_after / after.total():.2f} ms CPU per guess')
+
+
+# ---------------------------------------------------------------------------
+# 4. Through Debian's nginx, over TLS, with the repo's configuration.
+
+NGINX_MAIN = """\
+daemon off;
+{user}
+worker_processes 1;
+pid {here}/nginx.pid;
+error_log {here}/error.log notice;
+events {{ worker_connections 1024; }}
+http {{
+    log_format upstreams '$remote_addr $connection $connection_requests $status '
+                         '$request_method $upstream_addr';
+    access_log {here}/access.log upstreams;
+    client_body_temp_path {here}/temp/body;
+    proxy_temp_path {here}/temp/proxy;
+    fastcgi_temp_path {here}/temp/fastcgi;
+    uwsgi_temp_path {here}/temp/uwsgi;
+    scgi_temp_path {here}/temp/scgi;
+    include site/taskfarm.conf;
+    include site/taskfarm-tls.conf;
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f'{old!r} is not in the configuration exactly once'
+    return text.replace(old, new)
+
+
+def site_files(upstreams: list[str], http_port: int, https_port: int) -> dict[str, str]:
+    """The repo's two site files, with this test's ports and upstream servers put in."""
+    plain = (NGINX_CONFIG / 'conf.d' / 'taskfarm.conf').read_text()
+    plain = replace_once(plain, 'listen 80;', f'listen 127.0.0.1:{http_port};')
+    [line] = [line for line in plain.splitlines() if line.strip().startswith('server web:5000')]
+    plain = replace_once(plain, line, '\n'.join(
+        line.replace('web:5000', address) for address in upstreams))
+    tls = replace_once((NGINX_CONFIG / 'tls.d' / 'taskfarm-tls.conf').read_text(),
+                       'listen 443 ssl;', f'listen 127.0.0.1:{https_port} ssl;')
+    return {'taskfarm.conf': plain, 'taskfarm-tls.conf': tls}
+
+
+@dataclass
+class Proxy:
+    process: subprocess.Popen
+    directory: Path
+    http_port: int
+    https_port: int
+    context: ssl.SSLContext     # trusts the throwaway CA
+
+    @property
+    def url(self) -> str:
+        return f'https://127.0.0.1:{self.https_port}'
+
+    def api(self, user: str = 'alice', **kwargs: Any) -> Api:
+        return Api(self.url, user, context=self.context, **kwargs)
+
+    def access_log(self) -> list[list[str]]:
+        """remote_addr, connection, connection_requests, status, method, upstream_addr."""
+        return [line.split() for line in
+                (self.directory / 'access.log').read_text().splitlines()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)    # graceful shutdown
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Path:
+    """A throwaway CA, and a certificate for 127.0.0.1 it signed: tls/, with ca.crt."""
+    openssl = require('openssl', 'openssl')
+    folder = tmp_path / 'tls'
+    folder.mkdir()
+    key = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes']
+    (folder / 'server.ext').write_text(
+        'subjectAltName = IP:127.0.0.1, DNS:localhost\n'
+        'basicConstraints = critical, CA:FALSE\n'
+        'keyUsage = critical, digitalSignature\n'
+        'extendedKeyUsage = serverAuth\n'
+        'subjectKeyIdentifier = hash\n'
+        'authorityKeyIdentifier = keyid\n')
+    for command in (
+            ['req', '-x509', *key, '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2',
+             '-subj', '/CN=Taskfarm test CA',
+             '-addext', 'basicConstraints = critical, CA:TRUE',
+             '-addext', 'keyUsage = critical, keyCertSign, cRLSign'],
+            ['req', *key, '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=127.0.0.1'],
+            ['x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key',
+             '-CAcreateserial', '-out', 'server.crt', '-days', '2', '-extfile', 'server.ext']):
+        done = subprocess.run([openssl, *command], cwd=folder, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    return folder / 'ca.crt'
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, certificates: Path) -> Iterator[Callable[[list[LiveServer]], Proxy]]:
+    """A factory: nginx with the repo's configuration in front of some servers."""
+    nginx = require('nginx', 'nginx')
+    started: list[Proxy] = []
+
+    def start(upstreams: list[LiveServer]) -> Proxy:
+        here = tmp_path / f'nginx{len(started)}'
+        (here / 'site').mkdir(parents=True)
+        (here / 'temp').mkdir()
+        (here / 'taskfarm').symlink_to(NGINX_CONFIG / 'taskfarm')
+        (here / 'tls').symlink_to(certificates.parent)
+        http_port, https_port = free_port(), free_port()
+        addresses = [urlsplit(server.url).netloc for server in upstreams]
+        for name, text in site_files(addresses, http_port, https_port).items():
+            (here / 'site' / name).write_text(text)
+        user = 'user root;' if os.geteuid() == 0 else ''  # its workers may read tmp_path
+        (here / 'nginx.conf').write_text(NGINX_MAIN.format(here=here, user=user))
+        with open(here / 'nginx.out', 'w') as out:
+            process = subprocess.Popen([nginx, '-c', str(here / 'nginx.conf'),
+                                        '-e', str(here / 'error.log')],
+                                       stdout=out, stderr=subprocess.STDOUT)
+        site = Proxy(process, here, http_port, https_port,
+                     ssl.create_default_context(cafile=str(certificates)))
+        started.append(site)
+        wait_until(lambda: process.poll() is not None
+                   or (accepts(http_port) and accepts(https_port)), 20, 'nginx to listen')
+        assert process.poll() is None, (here / 'nginx.out').read_text()
+        return site
+
+    yield start
+    for site in started:
+        site.stop()
+
+
+@pytest.fixture
+def two_servers(database_url: str, servers) -> list[LiveServer]:
+    """Two servers on one PostgreSQL database, trusting the proxy on 127.0.0.1."""
+    if not database_url.startswith('postgresql'):
+        pytest.skip('several servers behind a proxy share one PostgreSQL database')
+    env = {'TASKFARM_TRUSTED_PROXIES': '127.0.0.1'}
+    return [servers(env=env), servers(env=env)]
+
+
+def upstreams_used(site: Proxy, method: str) -> Counter:
+    """How many requests of that method each server answered."""
+    return Counter(line[5] for line in site.access_log() if line[4] == method)
+
+
+def test_original_client_over_https_through_nginx_does_every_task_once(
+        two_servers, proxy, certificates, monkeypatch):
+    import requests
+    from taskfarm_worker import TaskFarm, TaskFarmWorker
+
+    site = proxy(two_servers)
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(site.url + '/', timeout=HTTP_TIMEOUT)   # not without our CA
+    monkeypatch.setenv('REQUESTS_CA_BUNDLE', str(certificates))
+    url, password = site.url + '/api/', PASSWORDS['alice']
+    run = TaskFarm('alice', password, numTasks=60, url_base=url)
+    done: list[int] = []
+
+    def original_worker() -> None:
+        worker = TaskFarmWorker('alice', password, run.uuid, url_base=url)
+        for task in worker.tasks:
+            done.append(task)
+            worker.update(100)
+            worker.done()
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for future in [pool.submit(original_worker) for _ in range(3)]:
+            future.result(timeout=120)
+    assert sorted(done) == list(range(60))
+    assert (run.numDone, run.numWaiting, run.numComputing, run.percentDone) == (60, 0, 0, 100)
+    assert len(upstreams_used(site, 'POST')) == 2      # both servers handed out tasks
+
+
+def taskfarm_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLIENT), *args], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_taskfarm_command_over_https_through_nginx(two_servers, proxy, certificates):
+    site = proxy(two_servers)
+    env = {**os.environ, 'TASKFARM_URL': site.url, 'TASKFARM_USER': 'alice',
+           'TASKFARM_PASSWORD': PASSWORDS['alice'], 'TASKFARM_RETRY_SECONDS': '0'}
+    env.pop('SSL_CERT_FILE', None)
+    refused = taskfarm_command(env, 'list')
+    assert refused.returncode == 1 and 'certificate verify failed' in refused.stderr, refused
+    # The command is stdlib http.client: it trusts the CAs OpenSSL finds, SSL_CERT_FILE.
+    env.update(SSL_CERT_FILE=str(certificates), TASKFARM_RETRY_SECONDS='10')
+    created = taskfarm_command(env, 'create', '40', '--name', 'over TLS')
+    assert created.returncode == 0, created.stderr
+    run = created.stdout.strip()
+    worked = taskfarm_command(env, 'work', run, '-j', '4', '--', 'true', '{}')
+    assert worked.returncode == 0, worked.stderr
+    info = taskfarm_command(env, 'info', run)
+    assert info.returncode == 0 and 'over TLS' in info.stdout, info
+    tasks = listed_tasks(site.api(), run)
+    assert [(t['task'], t['status'], t['attempts']) for t in tasks] == [
+        (n, 'done', 1) for n in range(40)]
+
+
+def test_workers_through_nginx_get_every_task_exactly_once_across_both_servers(
+        two_servers, proxy):
+    site = proxy(two_servers)
+    num_tasks, num_workers = 1500, 16
+    api = site.api().token()
+    run = create_run(api, num_tasks)
+    tally = Tally()
+    work_in_parallel([api.like() for _ in range(num_workers)], run, tally, seconds=120)
+    assert_each_seen_once(tally.seen, set(range(num_tasks)))
+    assert sorted(tally.reported) == list(range(num_tasks))
+    # A 503 (with Retry-After, checked) is allowed: the hand-out may lose a
+    # deadlock under contention three times over; the worker asks again.
+    assert set(tally.statuses) <= {201, 204, 503} and tally.dropped == 0, tally.statuses
+    info = run_info(api, run)
+    assert (info['numDone'], info['numWaiting'], info['numComputing']) == (num_tasks, 0, 0)
+    per_server = upstreams_used(site, 'PUT')
+    assert len(per_server) == 2 and sum(per_server.values()) == num_tasks, per_server
+    figure(f'{num_workers} workers through nginx over TLS, 2 servers: {num_tasks} tasks, '
+           f'each handed out once ({len(tally.seen)} hand-outs, {len(set(tally.seen))} '
+           f'distinct), done reports per server {sorted(per_server.values())}, '
+           f'{tally.statuses[503]} answers 503 retried')
+
+
+def established_from(ports: set[int]) -> set[int]:
+    """Local ports of this machine's established TCP connections to those ports."""
+    found = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == '01' and int(remote.rpartition(':')[2], 16) in ports:
+                found.add(int(local.rpartition(':')[2], 16))
+    return found
+
+
+def test_keep_alive_through_nginx_one_client_connection_reused_upstream_connections(
+        two_servers, proxy):
+    site = proxy(two_servers)
+    server_ports = {urlsplit(server.url).port for server in two_servers}
+    api = site.api().token()
+    run = create_run(api, 100)
+    upstream: list[set[int]] = []
+    for task in range(30):
+        reply = api.call('PUT', f'/api/runs/{run}/tasks/{task}', {'percentCompleted': 50})
+        assert reply.status == 204 and reply.headers['Connection'] == 'keep-alive', reply
+        upstream.append(established_from(server_ports))
+        if task == 0:
+            client_socket = api.conn.sock
+    assert api.conn.sock is client_socket           # one client connection all along
+    nginx_saw = [line for line in site.access_log() if line[4] == 'PUT']
+    assert len({line[1] for line in nginx_saw}) == 1                    # one connection...
+    assert [int(line[2]) for line in nginx_saw] == list(range(2, 32))   # ...after the token's
+    # Upstream, nginx kept one connection per server open and reused it.
+    assert all(upstream), upstream
+    assert len(set().union(*upstream)) == 2, upstream
+
+
+def test_server_killed_behind_nginx_costs_retries_not_tasks(two_servers, proxy):
+    site = proxy(two_servers)
+    num_tasks, num_workers = 1000, 12
+    api = site.api().token()
+    run = create_run(api, num_tasks, timeout=5)     # what the dead server held comes back
+    tally = Tally()
+
+    def kill_one_server() -> None:
+        wait_until(lambda: len(tally.reported) >= 200, 60, 'some tasks to be done')
+        two_servers[0].stop(signal.SIGKILL)
+
+    work_in_parallel([api.like() for _ in range(num_workers)], run, tally, seconds=150,
+                     meanwhile=kill_one_server, until_complete=True)
+    assert two_servers[0].process.poll() is not None and two_servers[1].process.poll() is None
+    assert_each_seen_once(tally.seen, set(range(num_tasks)))
+    info = run_info(api, run)
+    assert (info['numDone'], info['numWaiting'], info['numComputing']) == (num_tasks, 0, 0)
+    handed_again = [t['task'] for t in listed_tasks(api, run) if t['attempts'] > 1]
+    answers = {status: count for status, count in tally.statuses.items() if status >= 300}
+    assert set(answers) <= {503}, tally.statuses
+    figure(f'one of 2 servers SIGKILLed behind nginx under {num_workers} workers: {num_tasks} '
+           f'tasks, each seen by one worker; retries: {tally.statuses[503]} answers 503 '
+           f'(from nginx), {tally.dropped} requests unanswered; tasks handed out again '
+           f'after their lease (held by the dead server\'s lost answers): {len(handed_again)}')
+
+
+def test_behind_trusted_nginx_the_throttle_counts_the_real_client_address(
+        database_url, servers, proxy):
+    if not database_url.startswith('postgresql'):
+        pytest.skip('the proxy tests run on PostgreSQL')
+    server = servers(env={'TASKFARM_TRUSTED_PROXIES': '127.0.0.1',
+                          'TASKFARM_LOGIN_MAX_FAILURES': '3',
+                          'TASKFARM_AUTH_CACHE_SECONDS': '0'})   # every login checked
+    site = proxy([server])
+    attacker = site.api('bob', password='wrong', source='127.0.0.3')
+    statuses = [attacker.call('GET', '/api/token', headers={'X-Forwarded-For': f'127.0.1.{n}'}
+                              ).status for n in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+    alice = site.api('alice', source='127.0.0.4').token()      # elsewhere: not throttled
+    assert site.api('alice', source='127.0.0.3').call('GET', '/api/runs').status == 429
+    assert alice.like(source='127.0.0.3').call('GET', '/api/runs').status == 200   # a token
+    wait_until(lambda: server_log_has(server, "address '127.0.0.3'"), 10, 'the throttle log')
+    assert not server_log_has(server, "address '127.0.0.1'")    # not the proxy's
+    assert not server_log_has(server, '127.0.1.')               # nor what the client claimed
