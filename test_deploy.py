@@ -8,25 +8,32 @@
   throwaway CA made by openssl, in front of two live servers on one
   PostgreSQL database: the original client, the `taskfarm` command and a
   load of workers go through it, and a server dies under it.
+- PostgreSQL failover: a primary and a synchronous streaming standby, two
+  throwaway clusters; the primary stops hard under load and the standby is
+  promoted.
 
-The figures (exactly-once counts, the attacker's CPU) are printed:
-`pytest test_deploy.py -s` shows them. Every wait is bounded; timings are measured and shown, never asserted.
+The figures (exactly-once counts, the failover's 503 window and recovery
+time, the attacker's CPU) are printed: `pytest test_deploy.py -s` shows
+them. Every wait is bounded; timings are measured and shown, never asserted.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import glob
 import http.client
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -813,3 +820,151 @@ def test_behind_trusted_nginx_the_throttle_counts_the_real_client_address(
     wait_until(lambda: server_log_has(server, "address '127.0.0.3'"), 10, 'the throttle log')
     assert not server_log_has(server, "address '127.0.0.1'")    # not the proxy's
     assert not server_log_has(server, '127.0.1.')               # nor what the client claimed
+
+
+# ---------------------------------------------------------------------------
+# 5. PostgreSQL failover: a primary and a synchronous streaming standby.
+
+REPLICATION = 'SELECT state, sync_state FROM pg_stat_replication'
+
+
+def postgres_program(name: str) -> str:
+    found = sorted(glob.glob(f'/usr/lib/postgresql/*/bin/{name}'))
+    path = shutil.which(name) or (found[-1] if found else None)
+    if path is None:
+        require(name, 'postgresql')     # skips, or fails under CI
+    return path
+
+
+def as_postgres() -> tuple[list[str], int, int]:
+    """How to run the cluster programs, which refuse root: as the postgres user."""
+    if os.geteuid() != 0:
+        return [], os.getuid(), os.getgid()
+    try:
+        owner = pwd.getpwnam('postgres')
+    except KeyError:
+        pytest.skip('running as root, and there is no postgres user to own a cluster')
+    return [require('runuser', 'util-linux'), '-u', 'postgres', '--'], owner.pw_uid, owner.pw_gid
+
+
+def run_checked(command: list[str], cwd: Path) -> None:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, f'{command} failed:\n{done.stdout}{done.stderr}'
+
+
+@dataclass
+class Cluster:
+    """A throwaway PostgreSQL cluster in directory/name, on its own port."""
+    directory: Path
+    name: str
+    port: int
+    as_owner: list[str]
+
+    @property
+    def data(self) -> Path:
+        return self.directory / self.name
+
+    @property
+    def url(self) -> str:
+        return f'postgresql://root@127.0.0.1:{self.port}/postgres'
+
+    def pg_ctl(self, *args: str) -> None:
+        run_checked([*self.as_owner, postgres_program('pg_ctl'), '-D', str(self.data),
+                     '-w', '-t', '30', *args], self.directory)
+
+    def start(self) -> None:
+        options = (f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 '
+                   '-c fsync=off')
+        self.pg_ctl('-l', f'{self.data}.log', '-o', options, 'start')
+
+    def query(self, sql: str) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            cursor = conn.execute(sql)
+            return cursor.fetchall() if cursor.description else []
+
+
+@pytest.fixture
+def primary_and_standby(password_hashes: dict[str, str]) -> Iterator[tuple[Cluster, Cluster]]:
+    """A seeded primary, and a standby streaming from it, synchronously."""
+    initdb, basebackup = postgres_program('initdb'), postgres_program('pg_basebackup')
+    as_owner, uid, gid = as_postgres()
+    directory = Path(tempfile.mkdtemp(prefix='taskfarm-failover-'))
+    os.chown(directory, uid, gid)
+    primary = Cluster(directory, 'primary', free_port(), as_owner)
+    standby = Cluster(directory, 'standby', free_port(), as_owner)
+    try:
+        run_checked([*as_owner, initdb, '-D', str(primary.data), '-U', 'root',
+                     '--auth=trust', '--no-sync', '-E', 'UTF8'], directory)
+        primary.start()
+        seeded(primary.url, password_hashes)
+        run_checked([*as_owner, basebackup, '-d', primary.url, '-D', str(standby.data),
+                     '-R', '-X', 'stream', '-c', 'fast', '--no-sync'], directory)
+        standby.start()
+        wait_until(lambda: primary.query(REPLICATION) == [('streaming', 'async')], 30,
+                   'the standby to stream')
+        # Only now: with no standby connected, a commit would wait for one.
+        primary.query("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        primary.query('SELECT pg_reload_conf()')
+        wait_until(lambda: primary.query(REPLICATION) == [('streaming', 'sync')], 30,
+                   'the standby to be synchronous')
+        yield primary, standby
+    finally:
+        for cluster in (primary, standby):
+            subprocess.run([*as_owner, postgres_program('pg_ctl'), '-D', str(cluster.data),
+                            '-m', 'immediate', 'stop'], capture_output=True, timeout=30,
+                           check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_failover_to_a_synchronous_standby_answers_503_meanwhile_and_loses_nothing(
+        primary_and_standby, launch):
+    primary, standby = primary_and_standby
+    both = (f'postgresql://root@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres'
+            '?target_session_attrs=read-write')
+    server = launch(both, env={'TASKFARM_DB_TIMEOUT': '2'})
+    api = Api(server.url).token()
+    run = create_run(api, 10**6)
+    tally, stop, moments, workers = Tally(), threading.Event(), {}, 8
+
+    def fail_over() -> None:
+        wait_until(lambda: len(tally.reported) >= 200, 60, 'the workers to be at work')
+        moments['stopped'] = time.monotonic()
+        primary.pg_ctl('-m', 'immediate', 'stop')
+        # As a failover manager would take a while to decide: a few 503s each.
+        wait_until(lambda: tally.statuses[503] >= 3 * workers, 60,
+                   'the workers to get 503s while there is no primary')
+        standby.pg_ctl('promote')
+        moments['promoted'] = time.monotonic()
+        reported = len(tally.reported)
+        wait_until(lambda: len(tally.reported) >= reported + 200, 60,
+                   'the workers to get on with the new primary')
+        stop.set()
+
+    work_in_parallel([api.like() for _ in range(workers)], run, tally, seconds=150,
+                     meanwhile=fail_over, stop=stop)
+
+    assert server.process.poll() is None                    # it served again by itself
+    assert set(tally.statuses) <= {201, 204, 503} and tally.dropped == 0, tally.statuses
+    assert_each_seen_once(tally.seen, set(tally.seen))      # no task to two workers
+    tasks = listed_tasks(api, run)                          # from the new primary
+    assert all(task['attempts'] == 1 for task in tasks)     # none handed out twice
+    done = {task['task'] for task in tasks if task['status'] == 'done'}
+    lost = sorted(set(tally.reported) - done)
+    assert not lost, f'done reports answered 204 but lost in the failover: {lost[:20]}'
+    stranded = [task['task'] for task in tasks if task['status'] == 'computing']
+    assert not set(stranded) & set(tally.seen)              # only hand-outs never answered
+
+    unavailable = [when for when, status in tally.timeline if status == 503]
+    recovered = min(when for when, status in tally.timeline
+                    if when > moments['promoted'] and 200 <= status < 300)
+    figure(f'failover under {workers} workers: primary stopped (immediate) at 0 s, first 503 at '
+           f'{unavailable[0] - moments["stopped"]:.2f} s, standby promoted at '
+           f'{moments["promoted"] - moments["stopped"]:.2f} s, served again '
+           f'{recovered - moments["promoted"]:.2f} s after the promotion; 503 window '
+           f'{unavailable[-1] - unavailable[0]:.2f} s ({len(unavailable)} answers 503); '
+           f'{len(tally.reported)} done reports answered, none lost; {len(tally.seen)} '
+           f'hand-outs, none twice; {len(stranded)} tasks left computing by hand-outs '
+           f'whose answer was a 503')
