@@ -173,13 +173,12 @@ def run_info(api: Api, run: str) -> dict:
     return reply.body
 
 
-def listed_tasks(api: Api, run: str, status: str | None = None) -> list[dict]:
-    """Every task of the run that has a row (of that status), page by page."""
+def listed_tasks(api: Api, run: str) -> list[dict]:
+    """Every task of the run that has a row, page by page."""
     tasks: list[dict] = []
-    query = f'&status={status}' if status else ''
     while True:
         after = tasks[-1]['task'] if tasks else -1
-        reply = api.call('GET', f'/api/runs/{run}/tasks?limit=1000&after={after}{query}')
+        reply = api.call('GET', f'/api/runs/{run}/tasks?limit=1000&after={after}')
         assert reply.status == 200, reply
         if not reply.body['data']:
             return tasks
@@ -212,10 +211,6 @@ class Tally:
             self.timeline.append((time.monotonic(), status))
             self.dropped += status == 0
 
-    @property
-    def retries(self) -> int:
-        return self.statuses[503] + self.dropped
-
 
 def answered(api: Api, method: str, path: str, body: Any, tally: Tally,
              deadline: float) -> Reply:
@@ -235,8 +230,8 @@ def answered(api: Api, method: str, path: str, body: Any, tally: Tally,
         time.sleep(0.05)    # the service is failing over: ask again, bounded by the deadline
 
 
-def work(api: Api, run: str, tally: Tally, deadline: float,
-         until_complete: bool = False, stop: threading.Event | None = None) -> None:
+def work(api: Api, run: str, tally: Tally, deadline: float, until_complete: bool,
+         stop: threading.Event) -> None:
     """Be a worker: take a task, report it done, until nothing waits (or told to stop).
 
     until_complete: on "nothing waits", keep asking until the run is
@@ -245,7 +240,7 @@ def work(api: Api, run: str, tally: Tally, deadline: float,
     worker = uuid4().hex
     registration = {'uuid': worker, 'hostname': 'loadhost', 'pid': os.getpid()}
     assert answered(api, 'POST', '/api/worker', registration, tally, deadline).status == 201
-    while stop is None or not stop.is_set():
+    while not stop.is_set():
         reply = answered(api, 'POST', f'/api/runs/{run}/task', {'worker_uuid': worker},
                          tally, deadline)
         if reply.status == 204:
@@ -271,14 +266,20 @@ def run_complete(api: Api, run: str, tally: Tally, deadline: float) -> bool:
 
 
 def work_in_parallel(apis: list[Api], run: str, tally: Tally, seconds: float,
-                     meanwhile: Callable[[], None] | None = None, **options: Any) -> None:
+                     meanwhile: Callable[[], None] | None = None,
+                     stop: threading.Event | None = None, until_complete: bool = False) -> None:
     """One worker thread per client; meanwhile() runs while they work."""
     deadline = time.monotonic() + seconds
+    stop = stop or threading.Event()
     with ThreadPoolExecutor(max_workers=len(apis)) as pool:
-        futures = [pool.submit(work, api, run, tally, deadline, **options) for api in apis]
+        futures = [pool.submit(work, api, run, tally, deadline, until_complete, stop)
+                   for api in apis]
         try:
             if meanwhile is not None:
                 meanwhile()
+        except BaseException:
+            stop.set()      # the workers stop too: meanwhile's failure is the news
+            raise
         finally:
             for future in futures:
                 future.result(timeout=seconds + 2 * HTTP_TIMEOUT)
@@ -797,8 +798,8 @@ def test_server_killed_behind_nginx_costs_retries_not_tasks(two_servers, proxy):
     answers = {status: count for status, count in tally.statuses.items() if status >= 300}
     assert set(answers) <= {503}, tally.statuses
     figure(f'one of 2 servers SIGKILLed behind nginx under {num_workers} workers: {num_tasks} '
-           f'tasks, each seen by one worker; retries: {tally.statuses[503]} answers 503 '
-           f'(from nginx), {tally.dropped} requests unanswered; tasks handed out again '
+           f'tasks, each seen by one worker; retries: {tally.statuses[503]} answers 503, '
+           f'{tally.dropped} requests unanswered; tasks handed out again '
            f'after their lease (held by the dead server\'s lost answers): {len(handed_again)}')
 
 
