@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md schema.sql taskfarm.py admin.py dashboard.py taskfarm_client.py ./
+COPY pyproject.toml README.md schema.sql taskfarm.py admin.py dashboard.py taskfarm_client.py \
+     metrics.py ./
 # Editable, because taskfarm.py reads schema.sql from beside itself and a
 # wheel would leave schema.sql out. The code stays root's, read-only.
 RUN pip install -e . \

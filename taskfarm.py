@@ -39,6 +39,7 @@ from typing import Any
 import falcon
 
 import dashboard
+import metrics
 from store import (
     MAX_INT,
     STATUSES,
@@ -73,6 +74,9 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()   # whose X-Forwarded-For is believed
     login_max_failures: int = 5         # failed password checks per name or address...
     login_window: float = 60.0          # ...within this many seconds, then 429 as long
+    metrics_allow: tuple[IPNetwork, ...] = (      # who may GET /metrics by address...
+        ipaddress.ip_network('127.0.0.0/8'), ipaddress.ip_network('::1/128'))
+    metrics_token: str | None = None    # ...or with this bearer token, from anywhere
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Config:
@@ -89,6 +93,9 @@ class Config:
             login_max_failures=int(
                 env.get('TASKFARM_LOGIN_MAX_FAILURES', cls.login_max_failures)),
             login_window=float(env.get('TASKFARM_LOGIN_WINDOW', cls.login_window)),
+            metrics_allow=(trusted_networks(env['TASKFARM_METRICS_ALLOW'])
+                           if 'TASKFARM_METRICS_ALLOW' in env else cls.metrics_allow),
+            metrics_token=env.get('TASKFARM_METRICS_TOKEN') or None,
         )
 
     @property
@@ -966,13 +973,14 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     """The WSGI app over one store; ConfigError if it cannot serve."""
     config = config or Config()
     secret = load_secret(store, config)
-    app = falcon.App(middleware=[EmptySegments(),
+    figures = metrics.Metrics(store)
+    app = falcon.App(middleware=[metrics.MetricsMiddleware(figures), EmptySegments(),
                                  AuthMiddleware(Authenticator(store, secret, config),
                                                 config.trusted_proxies)])
     app.set_error_serializer(json_errors)
     for error in STORE_ERRORS:
         app.add_error_handler(error, store_error)
-    app.add_error_handler(DatabaseUnavailable, database_unavailable)
+    app.add_error_handler(DatabaseUnavailable, figures.counting(database_unavailable))
 
     run, workers, task = Run(store), Workers(store), Task(store)
     app.add_route('/', Index())
@@ -989,6 +997,9 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     app.add_route('/api/worker', workers)
     app.add_route('/api/workers', workers)
     app.add_route('/api/workers/{uuid}/heartbeat', workers, suffix='heartbeat')
+    app.add_route('/metrics', metrics.MetricsResource(figures, metrics.MetricsAccess(
+        config.metrics_allow, config.metrics_token,
+        lambda req: client_address(req, config.trusted_proxies))))
     dashboard.add_dashboard(app, store, secret, __version__)
     return app
 
@@ -1019,8 +1030,9 @@ def serve(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f'taskfarm-server: {e}')
     workers = args.workers or config.default_processes
-    serve_with_waitress(get_app, args.host, args.port, args.threads, workers,
-                        f'taskfarm {__version__}')
+    with metrics.shared_by(workers):
+        serve_with_waitress(get_app, args.host, args.port, args.threads, workers,
+                            f'taskfarm {__version__}')
 
 
 def check_config(config: Config) -> None:
