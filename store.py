@@ -43,6 +43,8 @@ UNPAIRED_SURROGATE_RE = re.compile(r'[\ud800-\udfff]')
 # each other (schema.sql).
 FRONTIER_SHARDS = 8
 CLAIM_ROUNDS = 100          # a hand-out that keeps stepping over tasks gives up here
+RATE_WINDOW = 600.0         # seconds over which a run's pace is measured
+RATE_SAMPLE = 2000          # done tasks counted at most, to keep huge runs fast
 RECONNECT_PAUSE = (0.05, 0.5)   # first and longest pause between reconnects, seconds
 
 
@@ -83,7 +85,13 @@ class WorkerTaken(StoreError):
 
 
 class InputsNotExpected(StoreError):
-    """Inputs sent for tasks outside the run, or to a run without inputs."""
+    """Inputs sent to a run without inputs, or for tasks outside the run."""
+
+
+class InputsComplete(StoreError):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f'Every input of run {uuid} is stored already; inputs cannot '
+                         'change once tasks may be handed out.')
 
 
 class DatabaseUnavailable(Exception):
@@ -399,13 +407,16 @@ def run_status(row: dict) -> dict:
     """A run's status from its row and summed counts, with the API's names."""
     num_tasks = row['num_tasks']
     busy = row['computing'] + row['done'] + row['failed']
-    return {'id': row['id'], 'uuid': row['uuid'], 'numTasks': num_tasks, 'name': row['name'],
-            'timeout': row['timeout'], 'maxAttempts': row['max_attempts'],
-            'retries': row['retries'], 'maxFailures': row['max_failures'],
-            'stopped': bool(row['stopped']),
-            'percentDone': percent_done(row['micropercent'], num_tasks),
-            'numWaiting': num_tasks - busy, 'numComputing': row['computing'],
-            'numDone': row['done'], 'numFailed': row['failed']}
+    status = {'id': row['id'], 'uuid': row['uuid'], 'numTasks': num_tasks,
+              'name': row['name'], 'timeout': row['timeout'],
+              'maxAttempts': row['max_attempts'], 'retries': row['retries'],
+              'maxFailures': row['max_failures'], 'stopped': bool(row['stopped']),
+              'percentDone': percent_done(row['micropercent'], num_tasks),
+              'numWaiting': num_tasks - busy, 'numComputing': row['computing'],
+              'numDone': row['done'], 'numFailed': row['failed']}
+    if row['inputs'] is not None:   # a run without inputs answers as it always did
+        status.update(inputs=row['inputs'], inputsMissing=row['inputs_missing'])
+    return status
 
 
 @dataclass(frozen=True)
@@ -643,6 +654,87 @@ class Store:
         if row is None:
             raise RunNotFound(uuid)
         return run_status(row)
+
+    # Every input is stored as its JSON, whatever the run's kind of inputs, so
+    # that one json.loads gives the value back. An input sent again keeps its
+    # first value: a chunk repeated after a lost answer changes nothing.
+    LOCK_RUN_INPUTS = Dialects(
+        postgresql=f"""
+        SELECT r.id AS run_id, r.num_tasks, r.inputs, r.inputs_missing FROM runs r
+        WHERE r.uuid = :run AND {owned('r')}
+        FOR NO KEY UPDATE
+        """,
+        sqlite=f"""
+        SELECT r.id AS run_id, r.num_tasks, r.inputs, r.inputs_missing FROM runs r
+        WHERE r.uuid = :run AND {owned('r')}
+        """)
+
+    ADD_INPUTS = Dialects(
+        postgresql="""
+        INSERT INTO task_inputs (run_id, task, input)
+        SELECT :run_id, :first + CAST(chunk.place AS integer) - 1, chunk.input
+        FROM jsonb_array_elements_text(CAST(:inputs AS jsonb))
+             WITH ORDINALITY AS chunk(input, place)
+        ON CONFLICT (run_id, task) DO NOTHING
+        """,
+        sqlite="""
+        INSERT INTO task_inputs (run_id, task, input)
+        SELECT :run_id, :first + key, value FROM json_each(:inputs) WHERE true
+        ON CONFLICT (run_id, task) DO NOTHING
+        """)
+
+    COUNT_INPUTS = """
+        UPDATE runs SET inputs_missing = inputs_missing - :added
+        WHERE id = :run_id
+        RETURNING inputs_missing
+    """
+
+    def add_inputs(self, owner: Owner, uuid: str, first: int, inputs: Sequence[Any]) -> dict:
+        """Store the inputs of tasks first, first + 1, ...: {"stored", "missing"}.
+
+        The run hands out tasks once no input is missing (CLAIM). Raises
+        InputsNotExpected (a run without inputs, or tasks outside the run)
+        and InputsComplete.
+        """
+        check_run_uuid(uuid)
+        params = owner.params(run=uuid, first=first,
+                              inputs=json.dumps([json.dumps(value) for value in inputs]))
+
+        def add(tx: Transaction) -> dict:
+            run = tx.one(self.LOCK_RUN_INPUTS, params)
+            if run is None:
+                raise RunNotFound(uuid)
+            if run['inputs'] is None:
+                raise InputsNotExpected(f'Run {uuid} was created without inputs.')
+            if run['inputs_missing'] == 0:
+                raise InputsComplete(uuid)
+            if first + len(inputs) > run['num_tasks']:
+                raise InputsNotExpected(
+                    f'These inputs are for tasks {first} to {first + len(inputs) - 1}; '
+                    f'the run has tasks 0 to {run["num_tasks"] - 1}.')
+            added = tx.execute(self.ADD_INPUTS, {**params, 'run_id': run['run_id']})
+            missing = tx.one(self.COUNT_INPUTS, {'run_id': run['run_id'], 'added': added})
+            return {'stored': added, 'missing': missing['inputs_missing']}
+
+        return self.db.run(add)
+
+    def pace(self, owner: Owner, run: dict, now: float) -> dict:
+        """A run's pace: tasks done per minute lately, and the seconds left at it.
+
+        `run` is a run summary (run_summary). A run younger than the window is
+        measured over its life so far, a minute at least, so that one early
+        task does not promise the moon. The newest RATE_SAMPLE done tasks are
+        enough: beyond that the rate over them is as good.
+        """
+        window = max(60.0, min(RATE_WINDOW, now - run['created']))
+        done = self.recently_done(owner, run['uuid'], now - window, RATE_SAMPLE)
+        if done['done'] < RATE_SAMPLE:
+            rate = done['done'] * 60 / window
+        else:
+            rate = done['done'] * 60 / max(1.0, now - done['oldest'])
+        left = run['numTasks'] - run['numDone'] - run['numFailed']
+        eta = 0.0 if left == 0 else left / rate * 60 if rate > 0 else None
+        return {'donePerMinute': rate, 'etaSeconds': eta}
 
     # A delete first takes the run's frontier rows, in the order hand-outs
     # take them: otherwise a hand-out holding one and waiting for the run's

@@ -44,6 +44,8 @@ from store import (
     MAX_INT,
     STATUSES,
     DatabaseUnavailable,
+    InputsComplete,
+    InputsNotExpected,
     Owner,
     RunNotFound,
     Store,
@@ -119,6 +121,7 @@ MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_SECONDS = 2
 MAX_BATCH = 1000            # tasks of one claim, items of one report
 MAX_MESSAGE = 4096          # characters of a failure message
+MAX_INPUT = 4096            # characters of a task's input
 MAX_RANGES = 1000           # items of a restart's `tasks`
 MIN_EXIT_CODE = -2**31
 
@@ -610,6 +613,18 @@ def read_updates(items: list) -> list[Update]:
     return updates
 
 
+def check_input(value: Any, kind: str | None, where: str) -> None:
+    """A task's input: a line of text, or any JSON value, of at most MAX_INPUT characters."""
+    if kind == 'text':
+        if not isinstance(value, str):
+            raise bad_field(where, 'must be a string: this run takes text inputs')
+        if not valid_text(value, MAX_INPUT):
+            raise bad_field(where, f'must be at most {MAX_INPUT} characters, without NUL '
+                                   'characters or unpaired surrogates')
+    elif kind == 'json' and len(json.dumps(value, separators=(',', ':'))) > MAX_INPUT:
+        raise bad_field(where, f'must be at most {MAX_INPUT} characters as compact JSON')
+
+
 def int_param(req: falcon.Request, name: str, default: int, minimum: int, maximum: int) -> int:
     raw = req.get_param(name)
     if raw is None:
@@ -749,14 +764,18 @@ class Runs:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_body(req, ('numTasks', 'name', 'timeout', 'maxAttempts', 'retries',
-                               'maxFailures'))
+                               'maxFailures', 'inputs'))
+        inputs = body.get('inputs')
+        if inputs not in (None, 'text', 'json'):
+            raise bad_field('inputs', 'must be "text" or "json"')
         run = self.store.create_run(
             owner(req), num_tasks=require_int(body, 'numTasks', 1, MAX_INT),
             name=require_str(body, 'name', 200, required=False),
             timeout=require_int(body, 'timeout', 1, 31536000, required=False),
             max_attempts=require_int(body, 'maxAttempts', 1, 1000, required=False),
             retries=require_int(body, 'retries', 0, 100, required=False),
-            max_failures=require_int(body, 'maxFailures', 1, MAX_INT, required=False))
+            max_failures=require_int(body, 'maxFailures', 1, MAX_INT, required=False),
+            inputs=inputs)
         resp.status = falcon.HTTP_201
         resp.media = run
 
@@ -804,6 +823,20 @@ class Run:
             limit=int_param(req, 'limit', 100, 1, 1000),
             after=int_param(req, 'after', -1, -1, MAX_INT))
         resp.media = {'data': [listed_task_json(row) for row in rows]}
+
+    def on_put_inputs(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        """One chunk of a run's inputs: tasks first, first + 1, ..."""
+        body = read_body(req, ('first', 'inputs'))
+        first = require_int(body, 'first', 0, MAX_INT)
+        inputs = require_list(body, 'inputs', 1, MAX_BATCH * 10)
+        kind = self.store.find_run(owner(req), uuid)['inputs']
+        for index, value in enumerate(inputs):
+            check_input(value, kind, f'inputs[{index}]')
+        resp.media = self.store.add_inputs(owner(req), uuid, first, inputs)
+
+    def on_get_pace(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        run = self.store.run_summary(owner(req), uuid)
+        resp.media = self.store.pace(owner(req), run, time.time())
 
     def on_patch_tasks(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
         """The batch report: many updates of one worker's tasks in one request."""
@@ -931,6 +964,8 @@ STORE_ERRORS: dict[type[StoreError], tuple[type[falcon.HTTPError], str]] = {
     TaskNotFound: (falcon.HTTPNotFound, 'Unknown task'),
     TaskNotHeld: (falcon.HTTPConflict, 'Task not held'),
     WorkerTaken: (falcon.HTTPConflict, 'Worker uuid taken'),
+    InputsNotExpected: (falcon.HTTPBadRequest, 'Inputs not expected'),
+    InputsComplete: (falcon.HTTPConflict, 'Inputs complete'),
 }
 
 
@@ -990,6 +1025,8 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     app.add_route('/api/runs/{uuid}', run)
     app.add_route('/api/runs/{uuid}/restart', run, suffix='restart')
     app.add_route('/api/runs/{uuid}/tasks', run, suffix='tasks')
+    app.add_route('/api/runs/{uuid}/inputs', run, suffix='inputs')
+    app.add_route('/api/runs/{uuid}/pace', run, suffix='pace')
     app.add_route('/api/runs/{uuid}/task', TaskHandout(store))
     app.add_route('/api/runs/{uuid}/tasks/claim', TaskClaim(store))
     app.add_route('/api/runs/{uuid}/tasks/{task_id:int}', task)
