@@ -985,9 +985,23 @@ def database_unavailable(req: falcon.Request, resp: falcon.Response, ex: Excepti
 
 def json_errors(req: falcon.Request, resp: falcon.Response,
                 exception: falcon.HTTPError) -> None:
-    """Every error answers JSON, whatever the client accepts."""
+    """Every error answers JSON, whatever the client accepts, and says what was
+    wrong: Falcon's own errors (no such route, a method the route lacks) carry
+    only a title, so they get a description here."""
+    body = exception.to_dict()
+    if 'description' not in body:
+        body['description'] = falcon_error_description(req, exception)
     resp.content_type = falcon.MEDIA_JSON
-    resp.media = exception.to_dict()
+    resp.media = body
+
+
+def falcon_error_description(req: falcon.Request, exception: falcon.HTTPError) -> str:
+    if exception.status_code == 405:
+        allowed = (exception.headers or {}).get('Allow', '')
+        return f'This route does not take {req.method[:20]}; it takes {allowed}.'
+    if exception.status_code == 404:
+        return f'No route {req.path[:200]!r}; the API is described at /api/openapi.json.'
+    return exception.title
 
 
 def load_secret(store: Store, config: Config) -> bytes:

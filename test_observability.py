@@ -374,3 +374,23 @@ def test_the_server_removes_its_metrics_directory_when_stopped(servers):
     assert directory.is_dir()
     server.stop()
     assert not directory.exists()
+
+
+# ---------------------------------------------------------------------------
+# Errors of Falcon's own (found by schemathesis: they had no description).
+
+
+def test_paths_without_a_route_and_methods_a_route_lacks_answer_a_described_json_error(alice):
+    unknown = alice.get('/api/runs/abc/tasks/not-a-number', status=404)
+    assert unknown.content_type == 'application/json'
+    assert unknown.json == {
+        'title': '404 Not Found',
+        'description': "No route '/api/runs/abc/tasks/not-a-number'; the API is described at "
+                       '/api/openapi.json.'}
+    refused = alice.delete('/api/runs', status=405)
+    assert refused.json == {'title': '405 Method Not Allowed',
+                            'description': 'This route does not take DELETE; it takes GET, '
+                                           'POST, OPTIONS.'}
+    assert refused.headers['Allow'] == 'GET, POST, OPTIONS'
+    # The API's own errors keep their words.
+    assert alice.get(f'/api/runs/{"0" * 32}', status=404).json['title'] == 'Unknown run'
