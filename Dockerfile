@@ -10,9 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md schema.sql taskfarm.py admin.py dashboard.py taskfarm_client.py \
-     metrics.py ./
-# Editable, because taskfarm.py reads schema.sql from beside itself and a
-# wheel would leave schema.sql out. The code stays root's, read-only.
+     metrics.py openapi.json ./
+# Editable, because taskfarm.py reads schema.sql and openapi.json from beside
+# itself and a wheel would leave them out. The code stays root's, read-only.
 RUN pip install -e . \
     && groupadd --system --gid 10001 taskfarm \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \

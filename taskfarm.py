@@ -944,6 +944,28 @@ class Workers:
         resp.status = falcon.HTTP_204
 
 
+def openapi_path() -> str:
+    """openapi.json: beside this module in a checkout (and an editable install),
+    in <prefix>/share/taskfarm after a plain `pip install` (as schema.sql)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'openapi.json')
+    return here if os.path.exists(here) else os.path.join(sys.prefix, 'share', 'taskfarm',
+                                                          'openapi.json')
+
+
+class OpenAPIDocument:
+    """GET /api/openapi.json: the API's OpenAPI 3.1 description, the repository's file."""
+
+    auth_required = False
+
+    def __init__(self) -> None:
+        with open(openapi_path(), 'rb') as f:
+            self.document = f.read()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.document
+
+
 class EmptySegments:
     """A path with an empty segment (`/api/runs//task`) is unknown, as any
     unknown run: the router would take the empty uuid and answer 405."""
@@ -1048,6 +1070,7 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     app.add_route('/api/worker', workers)
     app.add_route('/api/workers', workers)
     app.add_route('/api/workers/{uuid}/heartbeat', workers, suffix='heartbeat')
+    app.add_route('/api/openapi.json', OpenAPIDocument())
     app.add_route('/metrics', metrics.MetricsResource(figures, metrics.MetricsAccess(
         config.metrics_allow, config.metrics_token,
         lambda req: client_address(req, config.trusted_proxies))))

@@ -14,15 +14,31 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter as Tally
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import falcon.inspect
 import pytest
+import requests
+import schemathesis
 import webtest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openapi_spec_validator import validate
+from openapi_spec_validator.validation import OpenAPIV31SpecValidator
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 import taskfarm
 
@@ -150,12 +166,12 @@ def test_metrics_show_the_counts_of_unfinished_runs_only(alice, bob, local):
 
 
 def test_metrics_count_503s_and_database_errors_of_a_locked_sqlite_database(
-        sqlite_database_url, password_hashes):
+        sqlite_database_url, passwords):
     config = taskfarm.Config(database_url=sqlite_database_url, secret='s', db_timeout=0.3)
     store = taskfarm.open_store(config)
     app = taskfarm.create_app(store, config)
     client = webtest.TestApp(app, extra_environ={'REMOTE_ADDR': '127.0.0.1'})
-    client.authorization = ('Basic', ('alice', 'alice-pw'))
+    client.authorization = ('Basic', ('alice', passwords['alice']))
     client.get('/api/runs')             # signed in before the lock: users are cached
     locker = sqlite3.connect(sqlite_database_url[len('sqlite:///'):], isolation_level=None)
     try:
@@ -188,7 +204,7 @@ def from_address(app: Any, address: str, **headers: str) -> webtest.TestApp:
     return webtest.TestApp(app, extra_environ=environ)
 
 
-def test_metrics_are_served_to_the_loopback_only_by_default(app):
+def test_metrics_are_served_to_the_loopback_only_by_default(app, passwords):
     assert from_address(app, '127.0.0.1').get('/metrics').status_int == 200
     assert from_address(app, '::1').get('/metrics').status_int == 200
     refused = from_address(app, '192.0.2.7').get('/metrics', status=403)
@@ -198,7 +214,7 @@ def test_metrics_are_served_to_the_loopback_only_by_default(app):
     from_address(app, '127.0.0.1', x_forwarded_for='203.0.113.5').get('/metrics', status=403)
     # Signing in as an API user, even an admin, is not a way in.
     admin = from_address(app, '192.0.2.7')
-    admin.authorization = ('Basic', ('root', 'root-pw'))
+    admin.authorization = ('Basic', ('root', passwords['root']))
     admin.get('/metrics', status=403)
 
 
@@ -244,14 +260,17 @@ def test_metrics_settings_come_from_the_environment():
 # Several server processes.
 
 
-def http(url: str, method: str = 'GET', body: Any = None,
-         user: tuple[str, str] | None = ('alice', 'alice-pw')) -> tuple[int, Any]:
-    """One request on a new connection: (status, JSON body or text)."""
+def http(server: Any, method: str, path: str, body: Any = None,
+         signed_in: bool = True) -> tuple[int, Any]:
+    """One request to a live server, on a new connection, as its user or as nobody:
+    (status, JSON body or text)."""
     headers = {'Content-Type': 'application/json'}
-    if user:
-        headers['Authorization'] = 'Basic ' + base64.b64encode(':'.join(user).encode()).decode()
+    if signed_in:
+        credentials = f'{server.user}:{server.password}'.encode()
+        headers['Authorization'] = 'Basic ' + base64.b64encode(credentials).decode()
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as reply:
             status, raw, kind = reply.status, reply.read(), reply.headers.get_content_type()
@@ -291,9 +310,8 @@ def handed_out_in(path: Path) -> float:
 @pytest.mark.skipif(not Path('/proc/self/task').exists(), reason='needs Linux /proc')
 def test_two_processes_add_up_their_handouts_in_every_scrape(servers):
     server = servers(workers=2)
-    api = server.url + '/api'
     num_tasks = 240
-    status, run = http(f'{api}/run', 'POST', {'numTasks': num_tasks})
+    status, run = http(server, 'POST', '/api/run', {'numTasks': num_tasks})
     assert status == 201
     uuid = run['uuid']
     handed = {'single': 0, 'batch': 0, 'unavailable': 0}
@@ -302,7 +320,7 @@ def test_two_processes_add_up_their_handouts_in_every_scrape(servers):
     def call(path: str, method: str, body: Any) -> tuple[int, Any]:
         """As a worker does: a 503 (a deadlock lost three times) is tried again."""
         for _ in range(50):
-            status, reply = http(f'{api}/{path}', method, body)
+            status, reply = http(server, method, f'/api/{path}', body)
             if status != 503:
                 return status, reply
             with lock:
@@ -338,7 +356,7 @@ def test_two_processes_add_up_their_handouts_in_every_scrape(servers):
 
     def scraper() -> None:
         for _ in range(20):
-            status, text = http(server.url + '/metrics', user=None)
+            status, text = http(server, 'GET', '/metrics', signed_in=False)
             assert status == 200
             samples_during.append(parse_metrics(text))
 
@@ -352,7 +370,7 @@ def test_two_processes_add_up_their_handouts_in_every_scrape(servers):
     seen = [total(s, 'taskfarm_tasks_handed_out_total') for s in samples_during]
     assert seen == sorted(seen) and seen[-1] <= num_tasks, seen
     for _ in range(4):      # whichever process answers, the figures are everyone's
-        status, text = http(server.url + '/metrics', user=None)
+        status, text = http(server, 'GET', '/metrics', signed_in=False)
         samples = parse_metrics(text)
         for kind in ('single', 'batch'):
             assert value(samples, 'taskfarm_tasks_handed_out_total', kind=kind) == handed[kind]
@@ -369,7 +387,7 @@ def test_two_processes_add_up_their_handouts_in_every_scrape(servers):
 
 def test_the_server_removes_its_metrics_directory_when_stopped(servers):
     server = servers(workers=2)
-    assert http(server.url + '/api/runs')[0] == 200
+    assert http(server, 'GET', '/api/runs')[0] == 200
     directory = metrics_files(server.process.pid)[0].parent
     assert directory.is_dir()
     server.stop()
@@ -394,3 +412,169 @@ def test_paths_without_a_route_and_methods_a_route_lacks_answer_a_described_json
     assert refused.headers['Allow'] == 'GET, POST, OPTIONS'
     # The API's own errors keep their words.
     assert alice.get(f'/api/runs/{"0" * 32}', status=404).json['title'] == 'Unknown run'
+
+
+# ---------------------------------------------------------------------------
+# The OpenAPI document.
+
+
+def openapi_document() -> dict:
+    with open(taskfarm.openapi_path(), encoding='utf-8') as f:
+        return json.load(f)
+
+
+def test_openapi_document_is_valid_openapi_3_1():
+    document = openapi_document()
+    assert document['openapi'].startswith('3.1')
+    validate(document, cls=OpenAPIV31SpecValidator)
+    assert document['info']['version'] == taskfarm.__version__
+
+
+def test_openapi_document_is_served_as_is_without_auth(app):
+    reply = webtest.TestApp(app).get('/api/openapi.json')
+    assert reply.content_type == 'application/json'
+    assert reply.body == Path(taskfarm.openapi_path()).read_bytes()
+
+
+def registered_routes(app: Any) -> set[tuple[str, str]]:
+    """(method, route template) of every responder of the app's, but Falcon's
+    own (OPTIONS, and the 405 of every method a route lacks)."""
+    return {(method.method, route.path) for route in falcon.inspect.inspect_routes(app)
+            for method in route.methods if not method.internal}
+
+
+def documented_routes(document: dict) -> set[tuple[str, str]]:
+    methods = {'get', 'put', 'post', 'delete', 'patch', 'head', 'options'}
+    return {(method.upper(), path) for path, item in document['paths'].items()
+            for method in item if method in methods}
+
+
+def test_openapi_document_has_every_route_of_the_app_and_no_other(app):
+    def plain(template: str) -> str:    # Falcon's converters are not OpenAPI's
+        return template.replace(':int}', '}')
+
+    registered = {(method, plain(template)) for method, template in registered_routes(app)}
+    assert ('PUT', '/api/runs/{uuid}/tasks/{task_id}') in registered
+    assert registered == documented_routes(openapi_document())
+
+
+# ---------------------------------------------------------------------------
+# schemathesis against a live server: every answer keeps to the document.
+
+FUZZ_EXAMPLES = 60      # per operation and generation mode: a few minutes in all on CI
+
+
+@dataclass
+class Known:
+    """Runs, tasks and a worker that exist, so that generated requests reach past 404."""
+    runs: list[str]
+    worker: str
+    tasks: range
+
+
+def seed_known(server: Any) -> Known:
+    """Runs of the server's user in several states (tasks handed out, done and failed;
+    inputs awaited, inputs complete) and a worker of theirs."""
+    def call(method: str, path: str, body: Any) -> Any:
+        status, reply = http(server, method, '/api/' + path, body)
+        assert status in (200, 201), reply
+        return reply
+
+    worker = uuid4().hex
+    call('POST', 'worker', {'uuid': worker, 'hostname': 'fuzz', 'pid': 1})
+    busy = call('POST', 'run', {'numTasks': 6, 'timeout': 600, 'retries': 1, 'maxFailures': 3,
+                                'name': 'fuzzed'})['uuid']
+    call('POST', f'runs/{busy}/tasks/claim', {'worker_uuid': worker, 'count': 4})
+    call('PATCH', f'runs/{busy}/tasks', {'worker_uuid': worker, 'updates': [
+        {'task': 0, 'status': 'done', 'percentCompleted': 100},
+        {'task': 1, 'status': 'failed', 'exitCode': 2, 'message': 'boom'}]})
+    # Room for any chunk of inputs, and a run whose inputs are all stored (409).
+    awaiting = call('POST', 'run', {'numTasks': 2**31 - 1, 'inputs': 'json'})['uuid']
+    complete = call('POST', 'run', {'numTasks': 2, 'inputs': 'text'})['uuid']
+    call('PUT', f'runs/{complete}/inputs', {'first': 0, 'inputs': ['a', 'b']})
+    return Known(runs=[busy, awaiting, complete], worker=worker, tasks=range(6))
+
+
+def case_strategies(operation: Any, known: Known, mode: Any) -> Any:
+    """The operation's cases as schemathesis makes them, and as many again on known runs,
+    tasks and workers."""
+    path = operation.path
+    fixed: list[dict] = []
+    if path.startswith('/api/workers/{uuid}'):
+        fixed = [{'uuid': known.worker}]
+    elif '{uuid}' in path:
+        fixed = [{'uuid': run} for run in known.runs]
+        if '{task_id}' in path:
+            fixed = [{**f, 'task_id': task} for f in fixed for task in known.tasks]
+    strategies = [operation.as_strategy(generation_mode=mode)]
+    if fixed:
+        strategies.append(st.sampled_from(fixed).flatmap(
+            lambda given: operation.as_strategy(generation_mode=mode, path_parameters=given)))
+    return st.one_of(strategies)
+
+
+def like_a_worker(case: Any, worker: str | None) -> None:
+    """A positive case, still valid, made more like a worker's request: its whole
+    numbers written as integers (schemathesis also writes the integer 2 as 2.0,
+    which JSON Schema takes for an integer and this API refuses, as API.md says:
+    those cases would only get 400s), and its worker_uuid `worker`, if given."""
+    if isinstance(case.body, dict | list):
+        case.body = whole_numbers_as_integers(case.body)
+    if worker and isinstance(case.body, dict) and isinstance(case.body.get('worker_uuid'), str):
+        case.body['worker_uuid'] = worker
+
+
+def whole_numbers_as_integers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: whole_numbers_as_integers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers_as_integers(item) for item in value]
+    return value
+
+
+def fuzz(operation: Any, known: Known, mode: Any, call: dict, statuses: Tally) -> None:
+    """FUZZ_EXAMPLES cases of one operation in one mode, each sent and checked;
+    derandomized, so CI sends the same requests every time. Counts the statuses."""
+    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(case=case_strategies(operation, known, mode),
+           worker=st.sampled_from([None, known.worker]))
+    def keeps_to_the_document(case: Any, worker: str | None) -> None:
+        if mode.is_positive:
+            like_a_worker(case, worker)
+        statuses[case.call_and_validate(**call).status_code] += 1
+
+    keeps_to_the_document()
+
+
+def test_schemathesis_finds_no_answer_off_the_document(live_server):
+    """Every operation of the document, positive and negative cases: no 5xx, every
+    status documented, every body of the documented type and schema."""
+    session = requests.Session()
+    session.auth = (live_server.user, live_server.password)
+    call = {'base_url': live_server.url, 'session': session, 'allow_redirects': False,
+            'timeout': 30, 'checks': [not_a_server_error, status_code_conformance,
+                                      content_type_conformance, response_schema_conformance]}
+    schema = schemathesis.openapi.from_url(live_server.url + '/api/openapi.json')
+    failures: list[str] = []
+    succeeded: dict[str, int] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        known = seed_known(live_server)
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if any(operation.iter_parameters()) or operation.body:
+            modes.append(schemathesis.GenerationMode.NEGATIVE)    # something to get wrong
+        statuses = Tally()
+        for mode in modes:
+            try:
+                fuzz(operation, known, mode, call, statuses)
+            except (Exception, FailureGroup) as e:      # every operation gets its turn
+                failures.append(f'{operation.label} ({mode.value}): {e}')
+        succeeded[operation.label] = sum(n for status, n in statuses.items() if status < 300)
+    assert not failures, '\n\n'.join(failures)
+    # Real requests, not only refusals: every operation succeeded at times, but
+    # the dashboard's forms, which need the token of a page seen in a browser.
+    assert [label for label, n in succeeded.items() if not n] == [
+        'POST /runs/{uuid}/restart', 'POST /runs/{uuid}/delete'], succeeded
