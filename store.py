@@ -46,6 +46,7 @@ CLAIM_ROUNDS = 100          # a hand-out that keeps stepping over tasks gives up
 RATE_WINDOW = 600.0         # seconds over which a run's pace is measured
 RATE_SAMPLE = 2000          # done tasks counted at most, to keep huge runs fast
 RECONNECT_PAUSE = (0.05, 0.5)   # first and longest pause between reconnects, seconds
+DEADLOCK_RETRIES = 10       # a transaction that lost a deadlock is tried this often
 
 
 # ---------------------------------------------------------------------------
@@ -285,9 +286,11 @@ class PostgresDatabase(Database):
             except self.pool_timeout_error as e:
                 raise DatabaseUnavailable(str(e)) from e
             except self.psycopg.errors.TransactionRollback as e:
-                deadlocks += 1      # rolled back whole: nothing to be unsure of
-                if deadlocks == 3:
+                # Rolled back whole (a deadlock lost): nothing to be unsure of.
+                deadlocks += 1
+                if deadlocks == DEADLOCK_RETRIES or time.monotonic() > deadline:
                     raise DatabaseUnavailable(str(e)) from e
+                time.sleep(random.uniform(0, 0.01 * deadlocks))     # out of step
                 continue
             except self.psycopg.OperationalError as e:
                 # Dead connections go back to the pool marked bad; drop idle
@@ -736,13 +739,15 @@ class Store:
         eta = 0.0 if left == 0 else left / rate * 60 if rate > 0 else None
         return {'donePerMinute': rate, 'etaSeconds': eta}
 
-    # A delete first takes the run's frontier rows, in the order hand-outs
-    # take them: otherwise a hand-out holding one and waiting for the run's
-    # row (to insert its task) deadlocks with the delete cascading to it.
+    # A delete first takes the run's frontier rows, in shard order as waiting
+    # hand-outs take them: otherwise a hand-out holding one and waiting for
+    # the run's row (to insert its tasks) deadlocks with the delete cascading
+    # to it.
     LOCK_FRONTIER = Dialects(
         postgresql=f"""
         SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id
         WHERE r.uuid = :run AND {owned('r')}
+        ORDER BY f.shard
         FOR UPDATE OF f
         """,
         sqlite='SELECT 1',  # the transaction already holds sqlite's one write lock
@@ -820,8 +825,9 @@ class Store:
     # `claims`) or retried after a lost connection gets those tasks back
     # instead of new ones.
 
-    def claim_statement(frontier_order: str, frontier_lock: str) -> str:
-        """The PostgreSQL hand-out, with a choice of how to take frontier rows.
+    def claim_statement(frontier_order: str, frontier_lock: str, take_back: str) -> str:
+        """The PostgreSQL hand-out, with a choice of how to take frontier rows,
+        and whether to take back waiting rows and expired leases (`take_back`).
 
         One statement, atomic across any number of server processes: rows
         are taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take
@@ -842,7 +848,7 @@ class Store:
         ), exhausted AS (
             UPDATE tasks SET status = 'failed', updated = :now
             FROM found
-            WHERE tasks.run_id = found.id AND tasks.status = 'computing'
+            WHERE {take_back} AND tasks.run_id = found.id AND tasks.status = 'computing'
               AND tasks.lease_expires < :now AND tasks.attempts >= found.max_attempts
             RETURNING tasks.id
         ), run AS (
@@ -856,12 +862,12 @@ class Store:
                       < max_failures)
         ), waiting AS (
             SELECT t.id, t.task FROM tasks t, run
-            WHERE t.run_id = run.id AND t.status = 'waiting'
+            WHERE {take_back} AND t.run_id = run.id AND t.status = 'waiting'
             ORDER BY t.task LIMIT :count
             FOR UPDATE OF t SKIP LOCKED
         ), expired AS (
             SELECT t.id, t.task FROM tasks t, run
-            WHERE t.run_id = run.id AND t.status = 'computing'
+            WHERE {take_back} AND t.run_id = run.id AND t.status = 'computing'
               AND t.lease_expires < :now
               AND (run.max_attempts IS NULL OR t.attempts < run.max_attempts)
             ORDER BY t.lease_expires LIMIT :count
@@ -924,12 +930,14 @@ class Store:
         FROM found
         """
 
-    CLAIM = claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED')
-    # When frontier rows were busy: wait for them. A single hand-out starts
-    # from a random shard so that waiting hand-outs spread over all of them;
-    # batches take shards in one order, so two of them cannot deadlock.
+    CLAIM = claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED', 'true')
+    # When every frontier row was busy: wait for one (further_rounds), for a
+    # fresh number only, so that no task row is held while waiting (a delete,
+    # which takes the frontier rows and then the tasks, would deadlock with
+    # it). Starting from a random shard spreads the waiting hand-outs over
+    # all of them.
     CLAIM_WAITING = claim_statement(f'(f.shard + :spread) % {FRONTIER_SHARDS}',
-                                    'FOR UPDATE OF f')
+                                    'FOR UPDATE OF f', 'false')
     del claim_statement
 
     # Found by the hand-out when it has nothing to give: is there a run at
@@ -1099,13 +1107,20 @@ class Store:
         return Round(so_far.tasks + tasks, so_far.results, note)
 
     def further_rounds(self, handed: Round, params: dict, count: int) -> Round:
-        """PostgreSQL rounds after a first one that stepped over tasks or met busy rows."""
+        """PostgreSQL rounds after a first one that stepped over tasks or met busy rows.
+
+        A claim that met busy frontier rows and has tasks already answers with
+        them (the worker will ask again); one that has none waits for one busy
+        row, for one task. So a waiting hand-out never holds one frontier row
+        while it waits for another, and hand-outs cannot deadlock over them.
+        """
         for _ in range(CLAIM_ROUNDS):
-            if handed.note == 'end' or len(handed.tasks) >= count:
+            busy = handed.note == 'busy'
+            if handed.note == 'end' or len(handed.tasks) >= count or (busy and handed.tasks):
                 break
-            wanted = count - len(handed.tasks)
+            wanted = 1 if busy else count - len(handed.tasks)
             next_params = {**params, 'count': wanted, 'request': None,
-                           'spread': random.randrange(FRONTIER_SHARDS) if wanted == 1 else 0}
+                           'spread': random.randrange(FRONTIER_SHARDS)}
             handed = self.db.run(lambda tx, so_far=handed, wanted=next_params: self.next_round(
                 tx, wanted, so_far), atomic=False)
         return handed
