@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import glob
-import itertools
 import http.client
+import itertools
 import json
 import os
 import pwd
