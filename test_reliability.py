@@ -693,6 +693,10 @@ class ThrowawayPostgres:
     def stop(self, mode: str = 'fast') -> None:
         self.pg_ctl('-m', mode, 'stop')
 
+    def restart(self, mode: str = 'fast') -> None:
+        """Stop and start again, with the options of the last start."""
+        self.pg_ctl('-l', f'{self.directory}/log', '-m', mode, 'restart')
+
 
 def cluster_owner() -> tuple[list[str], int, int]:
     """How to run initdb, which refuses root: as the postgres user when we are root."""
@@ -764,6 +768,46 @@ def test_database_outage_answers_503_and_the_server_recovers_by_itself(
     info = run_info(api, run)
     assert (info['numDone'], info['numComputing'], info['numWaiting']) == (1, 1, 3)
     assert server.process.poll() is None
+    assert 'Traceback' not in ''.join(server.output)
+
+
+def test_postgresql_restarts_under_load_cost_original_workers_nothing(throwaway_postgres,
+                                                                      launch):
+    """PostgreSQL restarted three times (immediate mode) while the original client's
+    workers, which never retry a hand-out, work: the server rides each
+    restart out, so no worker dies and no task is handed out twice."""
+    from taskfarm_worker import TaskFarm, TaskFarmWorker
+
+    server = launch(throwaway_postgres.url, workers=2, env={'TASKFARM_DB_TIMEOUT': '20'})
+    num_tasks, workers = 900, 8
+    run = TaskFarm(server.user, server.password, numTasks=num_tasks, url_base=server.api)
+    handed: list[int] = []
+    errors: list[str] = []
+
+    def original_worker() -> None:
+        try:
+            worker = TaskFarmWorker(server.user, server.password, run.uuid,
+                                    url_base=server.api)
+            for task in worker.tasks:
+                handed.append(task)
+                worker.update(100)
+                worker.done()
+        except Exception as e:     # a dead worker is what this test looks for
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=original_worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for share in (0.25, 0.5, 0.75):
+        wait_until(lambda n=num_tasks * share: len(handed) >= n or errors, 60,
+                   f'{share:.0%} of the tasks handed out')
+        throwaway_postgres.restart('immediate')
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    assert errors == []
+    assert_each_handed_out_once(handed, set(range(num_tasks)))
+    assert (run.numDone, run.numComputing, run.numWaiting) == (num_tasks, 0, 0)
     assert 'Traceback' not in ''.join(server.output)
 
 
