@@ -438,9 +438,11 @@ class Update:
                 'message': self.message, 'exit_code': self.exit_code, 'final': self.final}
 
 
-def as_json(updates: Sequence[Update]) -> str:
-    """Updates as one JSON parameter, which both dialects unpack into rows."""
-    return json.dumps([update.row() for update in updates])
+def update_params(updates: Sequence[Update]) -> dict:
+    """Updates as the parameters of REPORT: one JSON that both dialects unpack
+    into rows, and the task numbers."""
+    return {'updates': json.dumps([update.row() for update in updates]),
+            'tasks': json.dumps([update.task for update in updates])}
 
 
 OK, NOT_HELD, UNKNOWN_TASK = 'ok', 'not held', 'unknown task'
@@ -1172,7 +1174,9 @@ class Store:
 
     # Every update applies only to tasks of the caller's run and, when a
     # worker is named, only to those that worker holds; one statement for
-    # a whole batch, whatever each item changes.
+    # a whole batch, whatever each item changes. The list of task numbers
+    # (`named`) lets the planner find the tasks by the unique (run_id, task)
+    # index whatever its statistics say, instead of walking the run's tasks.
     REPORT = Dialects(*(f"""
         UPDATE tasks AS t
         SET status = {STATUS_AFTER},
@@ -1184,20 +1188,24 @@ class Store:
             updated = :now, lease_expires = :now + r.timeout
         FROM runs r, {updates}
         WHERE r.uuid = :run AND {owned('r')} AND t.run_id = r.id AND t.task = u.n
+          AND {named}
           AND (CAST(:worker AS text) IS NULL OR t.worker_id = (
                 SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}))
         RETURNING task
-    """ for updates in (
+    """ for updates, named in ((
         """jsonb_to_recordset(CAST(:updates AS jsonb))
                AS u(n integer, percent double precision, status text, message text,
                     exit_code integer, final boolean)""",
+        """t.task = ANY(ARRAY(SELECT CAST(value AS integer)
+                                FROM jsonb_array_elements_text(CAST(:tasks AS jsonb))))"""), (
         """(SELECT json_extract(value, '$.n') AS n,
                    json_extract(value, '$.percent') AS percent,
                    json_extract(value, '$.status') AS status,
                    json_extract(value, '$.message') AS message,
                    json_extract(value, '$.exit_code') AS exit_code,
                    json_extract(value, '$.final') AS final
-            FROM json_each(:updates)) AS u""")))
+            FROM json_each(:updates)) AS u""",
+        "t.task IN (SELECT value FROM json_each(:tasks))"))))
 
     # A PUT without a worker (the original client's) on a task that has no
     # row yet: the row is made first, waiting at 0%.
@@ -1216,7 +1224,7 @@ class Store:
         changed = set()
         if updates:
             changed = {row['task'] for row in tx.all(self.REPORT, {
-                **params, 'updates': as_json(updates)})}
+                **params, **update_params(updates)})}
         num_tasks = MAX_INT + 1
         if len(changed) < len(updates):
             num_tasks = self.parties(tx, params)['num_tasks']
@@ -1247,7 +1255,7 @@ class Store:
         if not 0 <= update.task <= MAX_INT:
             raise TaskNotFound(self.find_run(owner, run)['num_tasks'])
         params = owner.params(run=run, worker=worker, task=update.task,
-                              updates=as_json([update]))
+                              **update_params([update]))
 
         def put(tx: Transaction) -> bool:
             params['now'] = time.time()
