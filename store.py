@@ -22,13 +22,13 @@ import random
 import re
 import secrets
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar('T')
@@ -344,16 +344,21 @@ def open_database(url: str, timeout: float = 5.0, pool_size: int = 10) -> Databa
     raise ValueError(f'DATABASE_URL must start with sqlite:/// or postgresql://, not {url!r}')
 
 
-def schema_for(dialect: str) -> str:
-    """The section of schema.sql for one dialect.
+def schema_path() -> Path:
+    """schema.sql: beside this module in a checkout (and an editable install);
+    a plain `pip install` puts it in <prefix>/share/taskfarm, above the
+    module's site-packages, whatever the prefix."""
+    here = Path(__file__).resolve().parent
+    for place in [here, *(folder / 'share' / 'taskfarm' for folder in here.parents)]:
+        if (place / 'schema.sql').exists():
+            return place / 'schema.sql'
+    raise FileNotFoundError(f'schema.sql is neither beside {__file__} nor in a share/taskfarm '
+                            'above it: reinstall the package')
 
-    schema.sql sits beside this module in a checkout (and an editable
-    install); a plain `pip install` puts it in <prefix>/share/taskfarm.
-    """
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'schema.sql')
-    installed = os.path.join(sys.prefix, 'share', 'taskfarm', 'schema.sql')
-    with open(here if os.path.exists(here) else installed, encoding='utf-8') as f:
-        text = f.read()
+
+def schema_for(dialect: str) -> str:
+    """The section of schema.sql for one dialect."""
+    text = schema_path().read_text(encoding='utf-8')
     sections = re.split(r'^-- @(\w+)\s*$', text, flags=re.MULTILINE)
     return dict(zip(sections[1::2], sections[2::2], strict=True))[dialect]
 
