@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import falcon
@@ -56,6 +57,7 @@ from store import (
     WorkerNotFound,
     WorkerTaken,
     open_database,
+    schema_path,
     valid_text,
 )
 
@@ -944,12 +946,10 @@ class Workers:
         resp.status = falcon.HTTP_204
 
 
-def openapi_path() -> str:
-    """openapi.json: beside this module in a checkout (and an editable install),
-    in <prefix>/share/taskfarm after a plain `pip install` (as schema.sql)."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'openapi.json')
-    return here if os.path.exists(here) else os.path.join(sys.prefix, 'share', 'taskfarm',
-                                                          'openapi.json')
+def openapi_path() -> Path:
+    """openapi.json, installed where schema.sql is: beside the modules in a
+    checkout, in <prefix>/share/taskfarm after a plain `pip install`."""
+    return schema_path().with_name('openapi.json')
 
 
 class OpenAPIDocument:
@@ -958,8 +958,7 @@ class OpenAPIDocument:
     auth_required = False
 
     def __init__(self) -> None:
-        with open(openapi_path(), 'rb') as f:
-            self.document = f.read()
+        self.document = openapi_path().read_bytes()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = falcon.MEDIA_JSON
