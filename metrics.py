@@ -101,8 +101,8 @@ class Metrics:
             'taskfarm_http_requests', 'HTTP requests answered, by route template, method '
             'and status.', ('route', 'method', 'status'), registry=r)
         self.latency = Histogram(
-            'taskfarm_http_request_duration_seconds', 'Time from routing a request to its '
-            'answer, by route template and method.', ('route', 'method'), registry=r)
+            'taskfarm_http_request_duration_seconds', 'Time the app took to answer, by '
+            'route template and method.', ('route', 'method'), registry=r)
         self.unavailable = Counter(
             'taskfarm_http_unavailable', 'Answers 503 Service Unavailable.', registry=r)
         self.database_errors = Counter(
@@ -181,7 +181,8 @@ def tasks_counter(metrics: Metrics, route: tuple[str, str],
         def count_handout(body: Any) -> None:
             requests.inc()
             if kind == 'single':
-                handed.inc(1 if body else 0)    # 201 with a task, or 204
+                if body:    # 201 with a task; a 204 has none
+                    handed.inc()
                 return
             handed.inc(len(body['data']))
             if 'updates' in body:
