@@ -1490,6 +1490,93 @@ class Store:
     def run_workers(self, owner: Owner, uuid: str, sample: int) -> list[dict]:
         return self.db.all(self.RUN_WORKERS, owner.params(run=uuid, sample=sample))
 
+    # -- the dashboard: failures, one task, and the charts --------------------
+    #
+    # These read the run's tasks through THE_RUN, its id as a scalar rather
+    # than a join: PostgreSQL then walks tasks_by_status in `updated` order
+    # and stops at the LIMIT. Joined, it sorts every task of the run in that
+    # status first (1.3 s instead of 2 ms for the newest 5,000 of 10^6 done).
+    THE_RUN = f"(SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})"
+
+    # The first line of a task's message, cut at FIRST_LINE_CHARS characters:
+    # failures are grouped by it and by the exit code.
+    FIRST_LINE_CHARS = 200
+    FIRST_LINE = Dialects(
+        postgresql=f"substr(split_part(t.message, chr(10), 1), 1, {FIRST_LINE_CHARS})",
+        sqlite=(f"substr(substr(t.message, 1, instr(t.message || char(10), char(10)) - 1),"
+                f" 1, {FIRST_LINE_CHARS})"))
+
+    # The run's newest :sample failed tasks with the first line of their
+    # message: the tasks_by_status index read backwards, no further.
+    NEWEST_FAILED = f"""
+              SELECT t.task, t.percent, t.attempts, t.failures, t.exit_code, t.updated,
+                     t.worker_id, {{line}} AS line
+              FROM tasks t
+              WHERE t.run_id = {THE_RUN} AND t.status = 'failed'
+              ORDER BY t.updated DESC
+              LIMIT :sample"""
+    FAILED_SAMPLE = Dialects(NEWEST_FAILED.format(line=FIRST_LINE.postgresql),
+                             NEWEST_FAILED.format(line=FIRST_LINE.sqlite))
+
+    # Those grouped, the biggest groups first.
+    FAILURE_GROUPS = Dialects(*(f"""
+        SELECT f.exit_code, f.line, count(*) AS tasks, min(f.task) AS first_task,
+               max(f.updated) AS latest, count(*) OVER () AS groups,
+               CAST(sum(count(*)) OVER () AS integer) AS sampled
+        FROM ({sample}) f
+        GROUP BY f.exit_code, f.line
+        ORDER BY tasks DESC, f.exit_code IS NULL, f.exit_code, f.line
+        LIMIT :limit
+    """ for sample in FAILED_SAMPLE))
+
+    def failure_groups(self, owner: Owner, uuid: str, sample: int, limit: int) -> list[dict]:
+        """The run's newest `sample` failed tasks by exit code and first line of
+        message: at most `limit` groups, each with its count, lowest task and
+        latest failure; every row also says how many groups and tasks there were."""
+        return self.db.all(self.FAILURE_GROUPS, owner.params(run=uuid, sample=sample,
+                                                             limit=limit))
+
+    # One group of FAILURE_GROUPS, by task number after :after. `IS` is
+    # sqlite's null-safe equality: a group may have no exit code or message.
+    FAILED_IN_GROUP = Dialects(*(f"""
+        SELECT f.task, f.percent, f.attempts, f.failures, f.exit_code, f.line, f.updated,
+               w.uuid AS worker_uuid, w.hostname, w.pid, count(*) OVER () AS total
+        FROM ({sample}) f
+        LEFT JOIN workers w ON w.id = f.worker_id
+        WHERE f.exit_code {same} :exit_code AND f.line {same} :line AND f.task > :after
+        ORDER BY f.task
+        LIMIT :limit
+    """ for sample, same in zip(FAILED_SAMPLE, ('IS NOT DISTINCT FROM', 'IS'), strict=True)))
+
+    def failed_in_group(self, owner: Owner, uuid: str, exit_code: int | None,
+                        line: str | None, after: int, sample: int, limit: int) -> list[dict]:
+        """The failed tasks of one group among the newest `sample`, by number
+        after `after`, at most `limit`; each row says how many there are from `after` on."""
+        return self.db.all(self.FAILED_IN_GROUP, owner.params(
+            run=uuid, exit_code=exit_code, line=line, after=after, sample=sample,
+            limit=limit))
+
+    TASK_DETAIL = f"""
+        SELECT r.name AS run_name, r.num_tasks, r.timeout, {TASK_COLUMNS},
+               t.started, t.updated,
+               w.uuid AS worker_uuid, w.hostname, w.pid,
+               (SELECT i.input FROM task_inputs i
+                WHERE i.run_id = r.id AND i.task = :task) AS input
+        FROM runs r LEFT JOIN tasks t ON t.run_id = r.id AND t.task = :task
+        LEFT JOIN workers w ON w.id = t.worker_id
+        WHERE r.uuid = :run AND {owned('r')}
+    """
+
+    def task_detail(self, owner: Owner, uuid: str, task: int) -> dict:
+        """One task with its times and worker (id None when it has no row yet)."""
+        check_run_uuid(uuid)
+        row = self.db.one(self.TASK_DETAIL, owner.params(run=uuid, task=task))
+        if row is None:
+            raise RunNotFound(uuid)
+        if not 0 <= task < row['num_tasks']:
+            raise TaskNotFound(row['num_tasks'])
+        return {**row, 'task': task}
+
 
 
 # Moves a run's frontier past the first :count tasks, for tools that fill a
