@@ -1,17 +1,18 @@
 """The web dashboard: server-rendered HTML pages over the same database.
 
 `GET /runs` lists the signed-in user's runs (an admin's: all) and
-`GET /runs/{uuid}` shows one run in detail: its counts, its failures
-grouped by exit code and first line of message, and forms to restart or
-delete it. `/runs/{uuid}/failed`
+`GET /runs/{uuid}` shows one run in detail: its counts, charts of its pace
+and of its tasks' durations, its failures grouped by exit code and first
+line of message, and forms to restart or delete it. `/runs/{uuid}/failed`
 lists one group of failures and `/runs/{uuid}/tasks/{n}` one task with all
 its attempts. Sign-in is the browser's own Basic auth with the API's users,
 so the owners rule holds here as on the API. Pages work without JavaScript;
 a few lines of it refresh the run pages in place every few seconds.
 
-Every number comes from the store (store.py), the API's own. Layout,
-top-down: the static stylesheet and script, formatting helpers, page
-fragments, resources, and `add_dashboard()` that wires the routes.
+Every number comes from the store (store.py), the API's own. Charts are
+inline SVG drawn here, no script. Layout, top-down: the static stylesheet
+and script, formatting helpers, charts, page fragments, resources, and
+`add_dashboard()` that wires the routes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import string
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from html import escape
@@ -42,6 +45,12 @@ GROUP_TASKS_SHOWN = 200     # tasks of a group per page
 ATTEMPTS_SHOWN = 1000       # attempts on a task page
 LINE_SHOWN = 200            # characters of a message's first line in tables
 
+CHART_BARS = 60             # the chart of tasks done: one bar a minute, the last hour
+CHART_SAMPLE = 10_000       # done tasks it reads at most; older bars say they are not counted
+DURATIONS_SAMPLE = 2000     # newest done tasks in the histogram of durations
+DURATION_BINS = 20          # about this many bins up to the 99th percentile, then one more
+SPARK_BARS = 12             # bars of a run's sparkline on /runs: its last hour
+SPARK_SAMPLE = 1000         # done tasks each sparkline reads at most
 
 # ---------------------------------------------------------------------------
 # Static files: one stylesheet and one small script, served by the app.
@@ -90,6 +99,23 @@ ol.attempts { list-style: none; padding: 0; }
 li.attempt { background: #fff; border: 1px solid #e0e0e0; padding: .5em .8em; margin: .6em 0; }
 li.attempt pre.message { background: #fafafa; }
 .outcome { font-weight: bold; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(18em, 1fr)); gap: 1em; }
+figure.chart { margin: 0; padding: .6em .8em; background: #fff; border: 1px solid #e0e0e0;
+               min-width: 0; }
+figure.chart figcaption { font-weight: bold; }
+figure.chart svg { display: block; width: 100%; height: 8em; }
+.chart .top, .chart .axis { color: #666; font-size: .8em; font-variant-numeric: tabular-nums; }
+.chart .axis { display: flex; justify-content: space-between; gap: 1em; }
+.chart .fill { fill: #43a047; }
+#durations .fill { fill: #1e88e5; }
+.chart .partial .fill { fill: #a5d6a7; }
+.chart .hit { fill: transparent; }
+.chart .uncounted .hit { fill: #eceff1; }
+.chart g:hover .hit { fill: #f1f8e9; }
+.chart .base { stroke: #9e9e9e; stroke-width: 1; }
+svg.spark { display: block; width: 8em; height: 1.6em; }
+.spark .fill { fill: #43a047; }
+.spark .hit { fill: transparent; }
 .actions { display: flex; flex-wrap: wrap; gap: 1em; }
 .actions form { background: #fff; border: 1px solid #e0e0e0; padding: .6em; max-width: 20em; }
 button { font: inherit; padding: .3em .8em; cursor: pointer; }
@@ -133,6 +159,7 @@ SCRIPT = """\
 """
 
 # Bar widths are inline styles; scripts, forms and frames stay same-origin.
+# Charts are inline SVG, which needs nothing more.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -162,8 +189,23 @@ def duration(seconds: float) -> str:
     return f'{hours // 24} d {hours % 24} h'
 
 
+def span(seconds: float) -> str:
+    """A duration to three figures, for the edges of a histogram's bins."""
+    for unit, size, below in (('ms', 0.001, 1), ('s', 1, 120), ('min', 60, 7200),
+                              ('h', 3600, 172800)):
+        if seconds < below:
+            return f'{seconds / size:.3g} {unit}'
+    return f'{seconds / 86400:.3g} d'
+
+
 def exact_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
+
+
+def iso_time(timestamp: float) -> str:
+    """As the API writes times: ISO 8601 UTC to the millisecond."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec='milliseconds').replace('+00:00', 'Z')
 
 
 def moment(timestamp: float | None, now: float) -> str:
@@ -173,8 +215,9 @@ def moment(timestamp: float | None, now: float) -> str:
     return f'<time title="{exact_time(timestamp)}">{duration(now - timestamp)} ago</time>'
 
 
-def clock(now: float) -> str:
-    return datetime.fromtimestamp(now, timezone.utc).strftime('%H:%M:%S UTC')
+def clock(now: float, seconds: bool = True) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).strftime(
+        '%H:%M:%S UTC' if seconds else '%H:%M')
 
 
 def run_title(run: dict) -> str:
@@ -243,6 +286,212 @@ def rate_text(rate: float) -> str:
     return f'{rate:,.0f}' if rate >= 100 else f'{rate:.1f}'
 
 
+def tasks_left(run: dict) -> int:
+    return run['numTasks'] - run['numDone'] - run['numFailed']
+
+
+# ---------------------------------------------------------------------------
+# Charts: inline SVG bars that stretch to the page's width (viewBox, and a
+# width of 100% in the stylesheet). Their text is HTML around the SVG, so it
+# stays readable in a narrow window. Every bar carries its number
+# (data-count) and says it in words (<title>, the browser's tooltip).
+
+
+@dataclass(frozen=True)
+class Bar:
+    count: int | None               # None: not counted
+    title: str                      # plain text, escaped when drawn
+    data: tuple[tuple[str, str], ...] = ()   # more data-* attributes
+    partial: bool = False           # counted in part: at least `count`
+
+
+def bars_svg(bars: Sequence[Bar], label: str, css: str = '', height: int = 100) -> str:
+    top = max((bar.count or 0 for bar in bars), default=0)
+    width = 10 * len(bars)
+    drawn = []
+    for i, bar in enumerate(bars):
+        count = bar.count or 0
+        # A bar of a few among thousands still shows.
+        tall = max(height * count / top, 1.0) if count else 0.0
+        kind = 'uncounted' if bar.count is None else 'partial' if bar.partial else 'counted'
+        data = ''.join(f' data-{name}="{escape(value)}"' for name, value in bar.data)
+        counted = '' if bar.count is None else f' data-count="{bar.count}"'
+        drawn.append(
+            f'<g class="{kind}"{counted}{data}><title>{escape(bar.title)}</title>'
+            f'<rect class="hit" x="{i * 10}" y="0" width="10" height="{height}"></rect>'
+            f'<rect class="fill" x="{i * 10 + 1}" y="{height - tall:.2f}" width="8"'
+            f' height="{tall:.2f}"></rect></g>')
+    return (f'<svg{css} viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img"'
+            f' aria-label="{escape(label)}">{"".join(drawn)}'
+            f'<line class="base" x1="0" y1="{height}" x2="{width}" y2="{height}"'
+            ' vector-effect="non-scaling-stroke"></line></svg>')
+
+
+def chart_figure(name: str, caption: str, bars: Sequence[Bar], label: str,
+                 axis: Sequence[str], notes: Sequence[str]) -> str:
+    top = max((bar.count or 0 for bar in bars), default=0)
+    ticks = ''.join(f'<span>{tick}</span>' for tick in axis)
+    remarks = ''.join(f'<p class="muted">{note}</p>' for note in notes)
+    return (f'<figure class="chart" id="{name}"><figcaption>{caption}</figcaption>'
+            f'<div class="top">{number(top)}</div>{bars_svg(bars, label)}'
+            f'<div class="axis">{ticks}</div>{remarks}</figure>')
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Tasks done per bar of `width` seconds from `start` (done_by_bar's rows).
+
+    When the store read its whole sample, the bars before the oldest task it
+    read were not counted, and the bar holding that task only in part.
+    """
+
+    start: float
+    width: float
+    counts: list[int]
+    cut: bool = False       # the sample ran out: bars before first_counted are not counted
+    first_counted: int = 0
+
+    @classmethod
+    def of(cls, rows: list[dict], start: float, width: float, bars: int,
+           sample: int) -> Timeline:
+        counts = [0] * bars
+        for row in rows:
+            # A task done since the page's clock was read counts in the last bar.
+            counts[min(row['bar'], bars - 1)] += row['done']
+        if rows and rows[0]['sampled'] >= sample:
+            reach = min(bars - 1, int((rows[0]['reach'] - start) // width))
+            return cls(start, width, counts, cut=True, first_counted=reach)
+        return cls(start, width, counts)
+
+    def bars(self, what: str) -> list[Bar]:
+        drawn = []
+        for i, count in enumerate(self.counts):
+            low = self.start + i * self.width
+            high = low + self.width
+            when = f'{clock(low)} to {clock(high)}'
+            data = (('from', iso_time(low)), ('to', iso_time(high)))
+            if i < self.first_counted:
+                drawn.append(Bar(None, f'{when}: not counted', data))
+            elif i == self.first_counted and self.cut:
+                drawn.append(Bar(count, f'{when}: at least {number(count)} {what}', data,
+                                 partial=True))
+            else:
+                drawn.append(Bar(count, f'{when}: {number(count)} {what}', data))
+        return drawn
+
+
+def chart_end(run: dict, newest: list[dict], now: float) -> float:
+    """The chart of a finished run ends with its last done task; others end now."""
+    if tasks_left(run) == 0 and newest:
+        return newest[0]['updated']
+    return now
+
+
+def done_chart(store: Store, who: Owner, run: dict, newest: list[dict], now: float) -> str:
+    """Tasks done per minute over the run's life, its last hour at most."""
+    end = chart_end(run, newest, now)
+    bars = max(1, min(CHART_BARS, int((end - run['created']) // 60) + 1))
+    start = end - 60 * bars
+    rows = store.done_by_bar(who, run['uuid'], start, 60.0, CHART_SAMPLE)
+    timeline = Timeline.of(rows, start, 60.0, bars, CHART_SAMPLE)
+    notes = []
+    if timeline.cut:
+        notes.append(f'Only the newest {number(CHART_SAMPLE)} done tasks are read: the '
+                     f'minutes before {clock(start + timeline.first_counted * 60, False)} UTC '
+                     'are not counted (grey), and the first one shown only in part (light).')
+    if not any(timeline.counts):
+        notes.append('No task was done in this time.')
+    label = (f'Tasks done per minute from {clock(start, False)} to {clock(end, False)} UTC;'
+             f' at most {number(max(timeline.counts))} in a minute')
+    return chart_figure('done-chart', 'Tasks done per minute', timeline.bars('done'), label,
+                        (f'{clock(start, False)} UTC', f'{clock(end, False)} UTC'), notes)
+
+
+def nice_width(step: float) -> float:
+    """The smallest round bin width of at least `step` seconds."""
+    for width in (*(unit * 10.0 ** power for power in range(-3, 2) for unit in (1, 2, 5)),
+                  60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200):
+        if width >= step:
+            return width
+    return 86400 * math.ceil(step / 86400)
+
+
+@dataclass(frozen=True)
+class Bin:
+    low: float
+    high: float | None      # None: everything from `low` on
+    count: int
+
+
+def duration_bins(durations: Sequence[float], bins: int = DURATION_BINS) -> list[Bin]:
+    """Round bins from the shortest duration to the 99th percentile, and one
+    more for the longest 1% when they lie beyond, so that one outlier cannot
+    squeeze the rest into a single bar."""
+    ordered = sorted(max(0.0, seconds) for seconds in durations)
+    if not ordered:
+        return []
+    shortest, typical = ordered[0], ordered[math.ceil(0.99 * len(ordered)) - 1]
+    width = nice_width((typical - shortest) / bins or max(shortest, 1.0) / bins)
+    first = math.floor(shortest / width) * width
+
+    def place(seconds: float) -> int:
+        # 2.0 // 0.1 is 19.0 in floating point: nudge past such near-misses.
+        return math.floor((seconds - first) / width + 1e-9)
+
+    count = place(typical) + 1
+    counts = [0] * (count + 1)
+    for seconds in ordered:
+        counts[min(count, place(seconds))] += 1
+    made = [Bin(first + i * width, first + (i + 1) * width, counts[i]) for i in range(count)]
+    if counts[count]:
+        made.append(Bin(first + count * width, None, counts[count]))
+    return made
+
+
+def bin_edges(b: Bin) -> str:
+    return f'{span(b.low)} or more' if b.high is None else f'{span(b.low)} to {span(b.high)}'
+
+
+def bin_bar(b: Bin) -> Bar:
+    return Bar(b.count, f'{bin_edges(b)}: {number(b.count)} tasks',
+               (('from', f'{b.low:.6g}'), ('to', '' if b.high is None else f'{b.high:.6g}')))
+
+
+def durations_chart(run: dict, newest: list[dict]) -> str:
+    """A histogram of how long the newest done tasks took, hand-out to done."""
+    durations = [row['updated'] - row['started'] for row in newest
+                 if row['started'] is not None]
+    bins = duration_bins(durations)
+    notes = []
+    if len(newest) < run['numDone']:
+        notes.append(f'The newest {number(len(newest))} of {number(run["numDone"])} '
+                     'done tasks.')
+    if len(durations) < len(newest):
+        notes.append(f'{number(len(newest) - len(durations))} done without a hand-out '
+                     'have no duration.')
+    if not bins:
+        notes.append('No task is done yet.')
+    axis: tuple[str, ...] = ()
+    if bins:
+        last = bins[-1]
+        axis = (span(bins[0].low),
+                span(last.high) if last.high is not None else f'{span(last.low)} or more')
+    label = (f'How long {number(len(durations))} done tasks took, in {len(bins)} bins'
+             if bins else 'No task is done yet')
+    return chart_figure('durations', 'Task durations, hand-out to done',
+                        [bin_bar(b) for b in bins], label, axis, notes)
+
+
+def sparkline(store: Store, who: Owner, run: dict, now: float) -> str:
+    """Tasks done over the run's last hour (or its life so far), in a few bars."""
+    width = max(5.0, (now - max(run['created'], now - 3600)) / SPARK_BARS)
+    start = now - SPARK_BARS * width
+    rows = store.done_by_bar(who, run['uuid'], start, width, SPARK_SAMPLE)
+    timeline = Timeline.of(rows, start, width, SPARK_BARS, SPARK_SAMPLE)
+    label = (f'Tasks done from {clock(start, False)} to {clock(now, False)} UTC, '
+             f'{duration(width)} a bar: {", ".join(map(str, timeline.counts))}')
+    return bars_svg(timeline.bars('done'), label, css=' class="spark"')
+
 
 # ---------------------------------------------------------------------------
 # Page fragments.
@@ -296,7 +545,7 @@ def stopped_badge(run: dict) -> str:
     return ' <span class="badge" data-field="stopped">stopped</span>' if run['stopped'] else ''
 
 
-def runs_table(summaries: list[dict], show_owner: bool) -> str:
+def runs_table(summaries: list[dict], sparks: dict[str, str], show_owner: bool) -> str:
     owner_head = '<th>Owner</th>' if show_owner else ''
     rows = []
     for run in summaries:
@@ -309,10 +558,11 @@ def runs_table(summaries: list[dict], show_owner: bool) -> str:
             f'<td>{progress_bar(run)}</td>'
             f'<td class="n" data-field="percentDone">{run["percentDone"]:.1f}%</td>'
             f'<td class="n" data-field="rate">{rate_text(run["rate"])}</td>'
+            f'<td>{sparks[run["uuid"]]}</td>'
             f'<td class="n" data-field="eta">{run["eta"]}</td></tr>')
     return ('<div class="scroll"><table class="runs"><thead><tr><th>Run</th>' + owner_head +
             '<th class="n">Tasks</th><th>Progress</th><th class="n">% done</th>'
-            '<th class="n">Done/min</th><th class="n">ETA</th></tr></thead>'
+            '<th class="n">Done/min</th><th>Last hour</th><th class="n">ETA</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
@@ -516,6 +766,7 @@ class RunView:
     failed: list[dict]
     groups: list[dict]
     workers: list[dict]
+    charts: str
 
 
 def run_main(view: RunView, token: str, now: float) -> str:
@@ -525,6 +776,7 @@ def run_main(view: RunView, token: str, now: float) -> str:
     return (f'<div class="big"><h1>{run_title(run)}{stopped_badge(run)}</h1>'
             f'<p class="uuid">{run["uuid"]}</p>{asof(now)}{stopped_note(run)}'
             f'{progress_bar(run)}{legend()}{run_counts(run)}</div>'
+            f'<section id="charts" class="charts">{view.charts}</section>'
             f'{computing_section(view.computing, run, now)}'
             f'{failed_section(view.failed, view.groups, run, now)}'
             f'{workers_section(view.workers, run, now)}'
@@ -724,7 +976,8 @@ class RunsPage:
         summaries = [summarise(self.store, who, run, now) for run in runs]
         heading = 'All runs' if user['is_admin'] else 'Your runs'
         if summaries:
-            listing = runs_table(summaries, show_owner=user['is_admin'])
+            sparks = {run['uuid']: sparkline(self.store, who, run, now) for run in runs}
+            listing = runs_table(summaries, sparks, show_owner=user['is_admin'])
             listing += more(total, len(runs), 'older runs')
         else:
             listing = ('<p class="muted">No runs yet. Create one with '
@@ -743,11 +996,13 @@ class RunPage:
         now = time.time()
         who = Owner.of(req.context.user)
         run = summarise(self.store, who, self.store.run_summary(who, uuid), now)
+        newest = self.store.newest_done(who, uuid, DURATIONS_SAMPLE)
         view = RunView(
             run, self.store.computing_tasks(who, uuid, TASKS_SHOWN),
             self.store.failed_tasks(who, uuid, TASKS_SHOWN),
             self.store.failure_groups(who, uuid, FAILURES_SAMPLE, GROUPS_SHOWN),
-            self.store.run_workers(who, uuid, WORKERS_SAMPLE))
+            self.store.run_workers(who, uuid, WORKERS_SAMPLE),
+            done_chart(self.store, who, run, newest, now) + durations_chart(run, newest))
         main = run_main(view, csrf_token(self.key, req.context.user, uuid), now)
         title = escape(run['name']) if run['name'] else uuid
         html_response(resp, page(title, req.context.user, main, self.version))

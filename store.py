@@ -1577,6 +1577,45 @@ class Store:
             raise TaskNotFound(row['num_tasks'])
         return {**row, 'task': task}
 
+    # The newest done tasks, for the chart of durations and the chart's end.
+    NEWEST_DONE = f"""
+        SELECT t.started, t.updated FROM tasks t
+        WHERE t.run_id = {THE_RUN} AND t.status = 'done'
+        ORDER BY t.updated DESC
+        LIMIT :sample
+    """
+
+    def newest_done(self, owner: Owner, uuid: str, sample: int) -> list[dict]:
+        """The hand-out and done times of the newest `sample` done tasks, newest first."""
+        return self.db.all(self.NEWEST_DONE, owner.params(run=uuid, sample=sample))
+
+    # The run's newest :sample done tasks since :start (no more, however fast
+    # the run), counted by bar of :width seconds; each row also says how many
+    # were read and how far back they reach. Bar 0 starts at :start.
+    COUNT_DONE_BY_BAR = f"""
+        SELECT d.bar, count(*) AS done,
+               CAST(sum(count(*)) OVER () AS integer) AS sampled,
+               min(min(d.updated)) OVER () AS reach
+        FROM (SELECT t.updated, {{bar}} AS bar
+              FROM tasks t
+              WHERE t.run_id = {THE_RUN} AND t.status = 'done' AND t.updated >= :start
+              ORDER BY t.updated DESC
+              LIMIT :sample) d
+        GROUP BY d.bar
+        ORDER BY d.bar
+    """
+    DONE_BY_BAR = Dialects(
+        COUNT_DONE_BY_BAR.format(bar='CAST(floor((t.updated - :start) / :width) AS integer)'),
+        # sqlite's CAST truncates, which is floor() here: updated >= start.
+        COUNT_DONE_BY_BAR.format(bar='CAST((t.updated - :start) / :width AS integer)'))
+
+    def done_by_bar(self, owner: Owner, uuid: str, start: float, width: float,
+                    sample: int) -> list[dict]:
+        """How many of the newest `sample` tasks done since `start` fall in each
+        bar of `width` seconds: [{"bar", "done", "sampled", "reach"}], bars with none left out."""
+        return self.db.all(self.DONE_BY_BAR, owner.params(
+            run=uuid, start=start, width=width, sample=sample))
+
 
 
 # Moves a run's frontier past the first :count tasks, for tools that fill a

@@ -17,6 +17,7 @@ import shutil
 import statistics
 import time
 import urllib.request
+from datetime import datetime
 from html import escape, unescape
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -596,6 +597,136 @@ def test_run_page_links_its_tasks_to_their_pages(alice):
     page = alice.get(f"/runs/{run['uuid']}").text
     for task in (0, 1, 2, 3):
         assert f'<a href="/runs/{run["uuid"]}/tasks/{task}">{task}</a>' in page
+
+
+# ---------------------------------------------------------------------------
+# Charts: the bars carry their numbers (data-count) and their span.
+
+SHIFT_TASKS = """
+    UPDATE tasks SET started = updated - :seconds - :took, updated = updated - :seconds
+    WHERE task BETWEEN :low AND :high AND run_id = (SELECT id FROM runs WHERE uuid = :run)
+"""
+
+
+def shift_tasks(db: store.Database, uuid: str, tasks: range, seconds: float,
+                took: float = 0.0) -> None:
+    """Make tasks look done `seconds` earlier, after `took` seconds each."""
+    db.execute(SHIFT_TASKS, {'run': uuid, 'low': tasks.start, 'high': tasks.stop - 1,
+                             'seconds': seconds, 'took': took})
+
+
+def chart_bars(html: str, chart: str) -> list[dict]:
+    """The bars of one chart, each with its class and data-* attributes."""
+    figure = re.search(rf'<figure class="chart" id="{chart}">.*?</figure>', html, re.S).group(0)
+    return [{'class': kind, **dict(re.findall(r'data-(\w+)="([^"]*)"', attributes))}
+            for kind, attributes in re.findall(r'<g class="(\w+)"([^>]*)>', figure)]
+
+
+def moment_of(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace('Z', '+00:00'))
+
+
+def test_done_chart_counts_each_task_in_its_minute(alice, db):
+    run = started_run(alice, 12, done=7, computing=1, failed=0)
+    db.execute('UPDATE runs SET created = created - 600')
+    shift_tasks(db, run['uuid'], range(3), 330)     # well inside a minute, whatever the clock
+    bars = chart_bars(alice.get(f"/runs/{run['uuid']}").text, 'done-chart')
+    assert len(bars) == 11                          # a bar a minute, over the run's life
+    done = [moment_of(task['updated']) for task in api_tasks(alice, run['uuid'], 'done')]
+    expected = [sum(moment_of(bar['from']) <= at < moment_of(bar['to']) for at in done)
+                for bar in bars]
+    assert [int(bar['count']) for bar in bars] == expected
+    assert expected[-6] == 3 and expected[-1] == 4 and sum(expected) == 7
+
+
+def test_done_chart_of_a_finished_run_adds_up_to_its_done_tasks(alice, db):
+    run = started_run(alice, 9, done=8, computing=0, failed=1)
+    db.execute('UPDATE runs SET created = created - 1800')
+    shift_tasks(db, run['uuid'], range(4), 1500)
+    shift_tasks(db, run['uuid'], range(4, 6), 700)
+    page = alice.get(f"/runs/{run['uuid']}").text
+    bars = chart_bars(page, 'done-chart')
+    assert len(bars) == 31 and all(bar['class'] == 'counted' for bar in bars)
+    assert sum(int(bar['count']) for bar in bars) == alice.run_info(run['uuid'])['numDone']
+
+
+def test_done_chart_of_a_long_run_shows_its_last_hour(alice, db):
+    run = started_run(alice, 9, done=6, computing=1, failed=0)
+    db.execute('UPDATE runs SET created = created - 7200')
+    shift_tasks(db, run['uuid'], range(2), 5000)    # before the last hour: not shown
+    bars = chart_bars(alice.get(f"/runs/{run['uuid']}").text, 'done-chart')
+    assert len(bars) == dashboard.CHART_BARS
+    assert sum(int(bar['count']) for bar in bars) == 4
+
+
+def test_done_chart_says_which_minutes_it_did_not_read(alice, db, monkeypatch):
+    monkeypatch.setattr(dashboard, 'CHART_SAMPLE', 3)
+    run = started_run(alice, 10, done=6, computing=1, failed=0)
+    db.execute('UPDATE runs SET created = created - 600')
+    shift_tasks(db, run['uuid'], range(2), 450)
+    shift_tasks(db, run['uuid'], range(2, 4), 210)
+    page = alice.get(f"/runs/{run['uuid']}").text
+    bars = chart_bars(page, 'done-chart')
+    kinds = [bar['class'] for bar in bars]
+    # Read: the 2 newest tasks and 1 of the 2 done 210 s ago, whose minute is partial.
+    assert kinds == ['uncounted'] * 7 + ['partial'] + ['counted'] * 3
+    assert 'count' not in bars[0] and [int(bar['count']) for bar in bars[7:]] == [1, 0, 0, 2]
+    assert f'Only the newest {dashboard.CHART_SAMPLE} done tasks are read' in page
+
+
+def test_durations_histogram_puts_each_done_task_in_its_bin(alice, db):
+    run = started_run(alice, 12, done=10, computing=1, failed=0)
+    for task in range(10):
+        shift_tasks(db, run['uuid'], range(task, task + 1), 0, took=10 * task + 3.3)
+    bars = chart_bars(alice.get(f"/runs/{run['uuid']}").text, 'durations')
+    took = [(moment_of(task['updated']) - moment_of(task['started'])).total_seconds()
+            for task in api_tasks(alice, run['uuid'], 'done')]
+    expected = [sum(float(bar['from']) <= seconds and (not bar['to'] or seconds < float(bar['to']))
+                    for seconds in took)
+                for bar in bars]
+    assert [int(bar['count']) for bar in bars] == expected and sum(expected) == 10
+    assert (bars[0]['from'], bars[-1]['to']) == ('0', '95') and len(bars) == 19
+
+
+def test_durations_histogram_samples_the_newest_done_tasks(alice, monkeypatch):
+    monkeypatch.setattr(dashboard, 'DURATIONS_SAMPLE', 4)
+    run = started_run(alice, 8, done=6, computing=0, failed=0)
+    page = alice.get(f"/runs/{run['uuid']}").text
+    assert sum(int(bar['count']) for bar in chart_bars(page, 'durations')) == 4
+    assert 'The newest 4 of 6 done tasks.' in page
+
+
+@pytest.mark.parametrize('durations, bins', [
+    ([60.0] * 5, [(60.0, 65.0, 5)]),
+    ([0.0, 0.0], [(0.0, 0.05, 2)]),
+    ([1.0, 2.0, 3.0, 4.0], [(1.0 + 0.2 * i, 1.2 + 0.2 * i, int(i in (0, 5, 10, 15)))
+                            for i in range(16)]),
+    ([1.0] * 99 + [5000.0], [(1.0, 1.05, 99), (1.05, None, 1)]),
+])
+def test_duration_bins_are_round_and_keep_outliers_apart(durations, bins):
+    made = dashboard.duration_bins(durations)
+    assert [(b.low, b.high, b.count) for b in made] == [
+        (pytest.approx(low), None if high is None else pytest.approx(high), count)
+        for low, high, count in bins]
+
+
+def test_runs_page_sparkline_counts_the_tasks_done_lately(alice, db):
+    run = started_run(alice, 10, done=5, computing=1, failed=0)
+    db.execute('UPDATE runs SET created = created - 1200')   # 100 s a bar
+    shift_tasks(db, run['uuid'], range(2), 950)
+    row = run_row(alice.get('/runs').text, run['uuid'])
+    spark = re.search(r'<svg class="spark".*?</svg>', row).group(0)
+    counts = [int(count) for count in re.findall(r'data-count="(\d+)"', spark)]
+    assert len(counts) == dashboard.SPARK_BARS and sum(counts) == 5
+    assert counts[2] == 2 and counts[-1] == 3
+
+
+def test_charts_keep_to_the_content_security_policy(alice):
+    run = started_run(alice, 10, done=5, computing=1, failed=1)
+    page = alice.get(f"/runs/{run['uuid']}").text
+    charts = re.search(r'<section id="charts".*?</section>', page, re.S).group(0)
+    assert charts.count('<svg') == 2 and 'viewBox=' in charts
+    assert not re.search(r'<script|\son\w+=|href|style=', charts)
 
 
 # ---------------------------------------------------------------------------
