@@ -1007,3 +1007,178 @@ def test_dashboard_in_a_real_browser(browser, live_server, tmp_path):
     assert_bar_matches(browser, info)
     screenshot(browser, tmp_path, 'after-restart.png')
 
+
+SCREENSHOTS = Path('/tmp/taskfarm-screenshots')    # where people look at them
+
+SPREAD_DONE_TASKS = """
+    UPDATE tasks
+    SET updated = updated - 60 * (task % 10) - 5,
+        started = updated - 60 * (task % 10) - 5 - (4 + 3 * (task % 9))
+    WHERE status = 'done' AND run_id = (SELECT id FROM runs WHERE uuid = :run)
+"""
+
+
+def spread_done_tasks(database_url: str, uuid: str) -> None:
+    """Done over the last ten minutes of a 15-minute-old run, after 4 to 28 s each."""
+    db = store.open_database(database_url)
+    try:
+        db.execute(SPREAD_DONE_TASKS, {'run': uuid})
+        db.execute('UPDATE runs SET created = created - 900 WHERE uuid = :run', {'run': uuid})
+    finally:
+        db.close()
+
+
+def full_page_screenshot(driver, tmp_path: Path, name: str, width: int) -> Path:
+    """The whole page at this window width, also copied to SCREENSHOTS."""
+    driver.set_window_size(width, 900)
+    height = driver.execute_script('return document.documentElement.scrollHeight'
+                                   ' + outerHeight - innerHeight')    # the window's own frame
+    driver.set_window_size(width, min(height, 6000))
+    path = screenshot(driver, tmp_path, name)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, SCREENSHOTS / name)
+    return path
+
+
+def read_page(driver, script: str):
+    """What a script finds in the page, read in one go: <main> may be swapped any time."""
+    return driver.execute_script(script)
+
+
+def click(driver, css: str) -> None:
+    """Click what `css` finds, again if the page swapped <main> under the click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(5):
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f'{css} kept going stale')
+
+
+def assert_no_browser_errors(driver) -> None:
+    """No console errors: CSP violations are among them."""
+    assert not driver.get_log('browser'), 'the page logged errors'
+
+
+def assert_fits_the_window(driver) -> None:
+    widths = read_page(driver, """return [document.documentElement.scrollWidth, innerWidth,
+        ...[...document.querySelectorAll('main svg')].map(s => s.getBoundingClientRect().right)]""")
+    page, window, *charts = widths
+    assert page <= window and all(right <= window for right in charts), widths
+
+
+def test_failures_and_charts_in_a_real_browser(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    backend = live_server.database_url.split(':')[0]
+    api = Api(live_server)
+    run = api('POST', '/api/run', {'numTasks': 60, 'name': XSS, 'timeout': 600, 'retries': 1,
+                                   'maxFailures': 7})
+    uuid = run['uuid']
+    worker = 'chart-w1'
+    api('POST', '/api/worker', {'uuid': worker, 'hostname': 'node-7', 'pid': 4711})
+
+    def report(*updates: dict) -> None:
+        api('PATCH', f'/api/runs/{uuid}/tasks', {'worker_uuid': worker, 'updates': list(updates)})
+
+    api('POST', f'/api/runs/{uuid}/tasks/claim', {'worker_uuid': worker, 'count': 40})
+    report(*({'task': n, 'status': 'done', 'percentCompleted': 100} for n in range(30)))
+    # Task 30 fails, is retried (retries 1) and fails again; 31 to 36 fail for good.
+    messages = ['Traceback (most recent call last):\n  File "work.py", line 12\n'
+                'ValueError: bad input',
+                f'{XSS} went wrong\n    indented  twice\n\n' + 'a long line ' * 300]
+    report({'task': 30, 'status': 'failed', 'exitCode': 1, 'message': messages[0]})
+    assert [task['task'] for task in api('POST', f'/api/runs/{uuid}/tasks/claim',
+                                         {'worker_uuid': worker})['data']] == [30]
+    report({'task': 30, 'status': 'failed', 'exitCode': 2, 'message': messages[1]})
+    report(*({'task': n, 'status': 'failed', 'final': True, 'exitCode': 137,
+              'message': 'killed: out of memory'} for n in (31, 32, 33)),
+           *({'task': n, 'status': 'failed', 'final': True, 'exitCode': 2,
+              'message': messages[1]} for n in (34, 35)),
+           {'task': 36, 'status': 'failed', 'final': True})
+    spread_done_tasks(live_server.database_url, uuid)
+    info = api('GET', f'/api/runs/{uuid}')
+    assert (info['numDone'], info['numFailed'], info['numComputing'], info['stopped']) == (
+        30, 7, 3, True)
+    failed = api('GET', f'/api/runs/{uuid}/tasks?status=failed')['data']
+    groups: dict[tuple, list[int]] = {}
+    for task in failed:
+        groups.setdefault((task['exitCode'], dashboard.first_line(task['message'])),
+                          []).append(task['task'])
+
+    host = live_server.url.removeprefix('http://')
+    signed_in = f'http://{live_server.user}:{live_server.password}@{host}'
+    browser.get(f'{signed_in}/runs/{uuid}')
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, 'done-chart'))
+
+    # The charts' bars carry the API's counts, and the browser draws them to scale.
+    shown = read_page(browser, """
+        const counts = id => [...document.querySelectorAll(`#${id} g[data-count]`)]
+            .map(g => Number(g.dataset.count));
+        const tallest = id => {
+            const fills = [...document.querySelectorAll(`#${id} .fill`)];
+            return Math.max(...fills.map(f => f.getBoundingClientRect().height)); };
+        return {done: counts('done-chart'), durations: counts('durations'),
+                doneTallest: tallest('done-chart'), durationsTallest: tallest('durations'),
+                svgHeight: document.querySelector('#done-chart svg').getBoundingClientRect().height,
+                groups: [...document.querySelectorAll('tr.group')].map(row => [
+                    Number(row.dataset.tasks), row.cells[1].textContent,
+                    row.cells[2].textContent]),
+                stopped: document.getElementById('stopped').textContent}""")
+    assert sum(shown['done']) == info['numDone'] == 30 and len(shown['done']) == 16
+    assert sum(shown['durations']) == info['numDone']
+    assert shown['doneTallest'] == pytest.approx(shown['svgHeight'], abs=1.5)
+    assert shown['durationsTallest'] == pytest.approx(shown['svgHeight'], abs=1.5)
+    assert sorted(shown['groups']) == sorted(
+        [len(tasks), 'none' if code is None else str(code),
+         'no message' if line is None else line] for (code, line), tasks in groups.items())
+    assert 'maxFailures' in shown['stopped']
+    assert browser.find_element(By.TAG_NAME, 'h1').text.startswith(XSS)
+    assert_no_browser_errors(browser)
+    full_page_screenshot(browser, tmp_path, f'{backend}-run-page-wide.png', 1280)
+    full_page_screenshot(browser, tmp_path, f'{backend}-run-page-narrow.png', 390)
+    assert_fits_the_window(browser)
+
+    # A group of failures, then a task of it with both its attempts.
+    browser.set_window_size(1280, 1000)
+    click(browser, 'tr.group:nth-child(1) a.group-link')
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, 'group'))
+    listed = [int(row.get_attribute('data-task'))
+              for row in browser.find_elements(By.CSS_SELECTOR, '#group tr[data-task]')]
+    assert listed == [30, 34, 35] == groups[(2, f'{XSS} went wrong')]
+    click(browser, '#group tr[data-task="30"] a')
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, 'attempts'))
+    attempts = api('GET', f'/api/runs/{uuid}/tasks/30/attempts')['data']
+    texts = read_page(browser, """return [...document.querySelectorAll('li.attempt pre')]
+        .map(pre => pre.textContent)""")
+    assert texts == [attempt['message'] for attempt in attempts] == messages
+    assert browser.find_element(By.CSS_SELECTOR, '[data-field="status"]').text == 'failed'
+    assert_no_browser_errors(browser)
+    full_page_screenshot(browser, tmp_path, f'{backend}-task-page-wide.png', 1280)
+    full_page_screenshot(browser, tmp_path, f'{backend}-task-page-narrow.png', 390)
+    assert_fits_the_window(browser)
+
+    # Restart failed tasks: asked first; no changes nothing, yes restarts just those.
+    browser.set_window_size(1280, 1000)
+    browser.get(f'{signed_in}/runs/{uuid}')
+    restart_failed = 'form:has(input[name="status"][value="failed"]) button'
+    click(browser, restart_failed)
+    alert = WebDriverWait(browser, 10).until(lambda d: d.switch_to.alert)
+    assert alert.text == dashboard.FAILED.question
+    alert.dismiss()
+    assert api('GET', f'/api/runs/{uuid}') == info
+    click(browser, restart_failed)
+    WebDriverWait(browser, 10).until(lambda d: d.switch_to.alert).accept()
+    wait_for(lambda: api('GET', f'/api/runs/{uuid}')['numFailed'] == 0, 'the restart')
+    after = api('GET', f'/api/runs/{uuid}')
+    assert (after['numDone'], after['numComputing'], after['numWaiting'], after['stopped']) == (
+        30, 3, 27, False)
+    wait_for(lambda: read_page(browser, "return document.querySelector('main h2') !== null"
+                                        " && !document.getElementById('stopped')"),
+             'the run page without its stop')
+    assert_no_browser_errors(browser)
