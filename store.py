@@ -371,6 +371,14 @@ def owned(table: str) -> str:
     return f'({table}.owner_id = :user_id OR :is_admin)'
 
 
+# The id of the caller's run :run, as a scalar. Statements that read a run's
+# tasks in `updated` order use it rather than a join: PostgreSQL then walks
+# tasks_by_status in that order and stops at the LIMIT, where joined it sorts
+# every task of the run in that status first (1.3 s instead of 2 ms for the
+# newest 5,000 of 10^6 done tasks).
+THE_RUN = f"(SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})"
+
+
 class Owner(NamedTuple):
     """Who is asking: every owned statement takes these two parameters."""
 
@@ -790,7 +798,7 @@ class Store:
         SET status = 'waiting', percent = CASE WHEN :reset THEN 0 ELSE percent END,
             attempts = 0, failures = 0, message = NULL, exit_code = NULL,
             worker_id = NULL, claim_id = NULL, lease_expires = NULL, updated = :now
-        WHERE run_id = (SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})
+        WHERE run_id = {THE_RUN}
           AND (NOT :unfinished OR status <> 'done')
           AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
           AND (CAST(:ranges AS text) IS NULL OR EXISTS (
@@ -969,7 +977,7 @@ class Store:
         UPDATE tasks
         SET lease_expires = :now + (SELECT r.timeout FROM runs r WHERE r.id = tasks.run_id),
             updated = :now
-        WHERE run_id = (SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})
+        WHERE run_id = {THE_RUN}
           AND worker_id = (SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')})
           AND status = 'computing'
           AND claim_id = COALESCE(
@@ -1469,9 +1477,8 @@ class Store:
     # to that many, and beyond it the rate over the newest :sample is as good.
     RECENTLY_DONE = f"""
         SELECT count(*) AS done, min(updated) AS oldest FROM (
-            SELECT t.updated FROM runs r JOIN tasks t ON t.run_id = r.id
-            WHERE r.uuid = :run AND {owned('r')}
-              AND t.status = 'done' AND t.updated >= :since
+            SELECT t.updated FROM tasks t
+            WHERE t.run_id = {THE_RUN} AND t.status = 'done' AND t.updated >= :since
             ORDER BY t.updated DESC
             LIMIT :sample
         ) recent
@@ -1486,9 +1493,8 @@ class Store:
     TASKS_IN_STATUS = f"""
         SELECT t.task, t.percent, t.attempts, t.failures, t.exit_code, t.message,
                t.started, t.updated, w.uuid AS worker_uuid, w.hostname, w.pid
-        FROM runs r JOIN tasks t ON t.run_id = r.id
-        LEFT JOIN workers w ON w.id = t.worker_id
-        WHERE r.uuid = :run AND {owned('r')} AND t.status = '{{status}}'
+        FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
+        WHERE t.run_id = {THE_RUN} AND t.status = '{{status}}'
         ORDER BY {{order}}
         LIMIT :limit
     """
@@ -1505,8 +1511,8 @@ class Store:
     RUN_WORKERS = f"""
         SELECT w.uuid, w.hostname, w.pid, w.start, w.last_seen,
                count(*) AS held, max(t.updated) AS updated
-        FROM (SELECT t.worker_id, t.updated FROM runs r JOIN tasks t ON t.run_id = r.id
-              WHERE r.uuid = :run AND {owned('r')} AND t.status = 'computing'
+        FROM (SELECT t.worker_id, t.updated FROM tasks t
+              WHERE t.run_id = {THE_RUN} AND t.status = 'computing'
               ORDER BY t.updated DESC
               LIMIT :sample) t
         JOIN workers w ON w.id = t.worker_id
@@ -1518,12 +1524,6 @@ class Store:
         return self.db.all(self.RUN_WORKERS, owner.params(run=uuid, sample=sample))
 
     # -- the dashboard: failures, one task, and the charts --------------------
-    #
-    # These read the run's tasks through THE_RUN, its id as a scalar rather
-    # than a join: PostgreSQL then walks tasks_by_status in `updated` order
-    # and stops at the LIMIT. Joined, it sorts every task of the run in that
-    # status first (1.3 s instead of 2 ms for the newest 5,000 of 10^6 done).
-    THE_RUN = f"(SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})"
 
     # The first line of a task's message, cut at FIRST_LINE_CHARS characters:
     # failures are grouped by it and by the exit code.
