@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -450,7 +451,7 @@ def documented_routes(document: dict) -> set[tuple[str, str]]:
 
 def test_openapi_document_has_every_route_of_the_app_and_no_other(app):
     def plain(template: str) -> str:    # Falcon's converters are not OpenAPI's
-        return template.replace(':int}', '}')
+        return re.sub(r'\{(\w+):[^}]*\}', r'{\1}', template)
 
     registered = {(method, plain(template)) for method, template in registered_routes(app)}
     assert ('PUT', '/api/runs/{uuid}/tasks/{task_id}') in registered
@@ -503,8 +504,9 @@ def case_strategies(operation: Any, known: Known, mode: Any) -> Any:
         fixed = [{'uuid': known.worker}]
     elif '{uuid}' in path:
         fixed = [{'uuid': run} for run in known.runs]
-        if '{task_id}' in path:
-            fixed = [{**f, 'task_id': task} for f in fixed for task in known.tasks]
+        for name in ('task_id', 'task'):    # the API's, the dashboard's
+            if f'{{{name}}}' in path:
+                fixed = [{**f, name: task} for f in fixed for task in known.tasks]
     strategies = [operation.as_strategy(generation_mode=mode)]
     if fixed:
         strategies.append(st.sampled_from(fixed).flatmap(
