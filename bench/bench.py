@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-BENCH_DIR = HERE / '.bench'
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO_ROOT / '.bench'
 LOG_DIR = BENCH_DIR / 'logs'
 REPORT_PATH = BENCH_DIR / 'last.md'
 HOST = '127.0.0.1'
@@ -696,7 +696,7 @@ def free_port() -> int:
 
 
 def run_checked(command: Sequence[str], env: dict | None = None, what: str = '',
-                cwd: Path = HERE) -> None:
+                cwd: Path = REPO_ROOT) -> None:
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=900, check=False)
     if done.returncode != 0:
@@ -721,7 +721,7 @@ class Server:
     settings: str
     database_url: str = ''
     port: int = field(default_factory=free_port)
-    cwd: Path = HERE
+    cwd: Path = REPO_ROOT
     process: subprocess.Popen | None = None
     auth: str = ''
     fill: Callable[[Server, dict, int, int], None] | None = None
@@ -882,12 +882,12 @@ def server_environment(**extra: str) -> dict[str, str]:
 
 
 def help_text(command: Sequence[str]) -> str:
-    done = subprocess.run([*command, '--help'], cwd=HERE, capture_output=True, text=True,
+    done = subprocess.run([*command, '--help'], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     return done.stdout
 
 
-OURS_SCRIPT = HERE / 'taskfarm.py'
+OURS_SCRIPT = REPO_ROOT / 'taskfarm.py'
 
 
 def ours_workers(wanted: int) -> int:
@@ -910,8 +910,9 @@ def prepare_ours(backend: str, threads: int, workers: int, fill_mode: str) -> Se
     else:
         database_url = f'sqlite:///{fresh_sqlite_path("ours")}'
     env = server_environment(DATABASE_URL=database_url, TASKFARM_SECRET=BENCH_SECRET)
-    run_checked([sys.executable, 'admin.py', 'init-db'], env, 'admin.py init-db')
-    run_checked([sys.executable, 'admin.py', 'adduser', BENCH_USER, '--password', BENCH_PASSWORD],
+    run_checked([sys.executable, str(REPO_ROOT / 'admin.py'), 'init-db'], env, 'admin.py init-db')
+    run_checked([sys.executable, str(REPO_ROOT / 'admin.py'), 'adduser', BENCH_USER,
+                 '--password', BENCH_PASSWORD],
                 env, 'admin.py adduser')
     port = free_port()
     command = ours_command(port, threads, workers)
@@ -1515,7 +1516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     REPORT_PATH.write_text(text)
     print()
     print(text)
-    print(f'(written to {REPORT_PATH.relative_to(HERE)})')
+    print(f'(written to {REPORT_PATH.relative_to(REPO_ROOT)})')
 
 
 if __name__ == '__main__':
