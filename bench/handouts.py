@@ -497,17 +497,18 @@ def default_settings_target(servers: Sequence[Server],
                             figures: dict[tuple[str, int], Figures]) -> Target:
     """Issue 11: ours with the default settings vs the original, PostgreSQL."""
     c = DEFAULT_SETTINGS_CONNECTIONS
-    ours, original = figure(figures, 'ours-pg', c, 'handouts'), figure(figures, 'original-pg', c,
-                                                                        'handouts')
+    ours = figure(figures, 'ours-pg', c, 'handouts')
+    original = figure(figures, 'original-pg', c, 'handouts')
     ours_pg = next((server for server in servers if server.name == 'ours-pg'), None)
-    defaults = ours_pg is not None and ours_pg.settings == 'taskfarm-server defaults'
-    why = '' if defaults else 'ours did not run with the default settings'
+    if ours_pg is not None and ours_pg.settings != 'taskfarm-server defaults':
+        ours, why = None, f'ours ran with {ours_pg.settings}, not the defaults'
+    else:
+        why = f'needs ours-pg and original-pg at {c} connections'
+    processes = ours_pg.processes if ours_pg else 0
     return Target(f'original protocol, default server settings: PostgreSQL hand-outs/s at {c} '
-                  'connections vs the original', divide(ours, original) if defaults else None,
-                  DEFAULT_SETTINGS_RATIO,
-                  shown=f'{ours or 0:,.0f} vs {original or 0:,.0f}/s, ours '
-                        f'{ours_pg.processes if ours_pg else 0} process(es)',
-                  why_missing=why or f'needs ours-pg and original-pg at {c} connections')
+                  'connections vs the original', divide(ours, original), DEFAULT_SETTINGS_RATIO,
+                  shown=f'{ours or 0:,.0f} vs {original or 0:,.0f}/s, ours {processes} process(es)',
+                  why_missing=why)
 
 
 def method_text(options: Options) -> str:
