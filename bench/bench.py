@@ -2,6 +2,10 @@
 
 In one run on one machine, side by side, it measures (`--sections` picks):
 
+- e2e: end to end, 10^4 tasks of `true` through `taskfarm work RUN -j 2`
+  against ours on sqlite and on PostgreSQL (`taskfarm-server` defaults), and
+  the same tasks through HyperQueue (in its own venv under .bench/), GNU
+  parallel -j 2 and xargs -P 2: tasks/s and ratios (e2e.py);
 - handouts: the original protocol, ours (default settings) against the
   original taskfarm 0.4.0 under gunicorn and a bare Falcon ceiling:
   hand-outs/s, worker cycles/s, latency, scale with tasks handed out, peak
@@ -9,8 +13,9 @@ In one run on one machine, side by side, it measures (`--sections` picks):
 
 It prints the report, ending in every target of issue 11 met or NOT MET,
 and writes it to .bench/last.md. Everything stays on 127.0.0.1, every loop
-is bounded in count and time, and what it needs it installs itself (wrk
-from Debian, the original into a venv of its own under .bench/).
+is bounded in count and time, and what it needs it installs itself (wrk and
+GNU parallel from Debian, the original and HyperQueue into venvs of their
+own under .bench/).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import e2e
 import handouts
 from common import BENCH_DIR, REPO_ROOT, Options, Section
 from loadgen import ensure_wrk
 
 REPORT_PATH = BENCH_DIR / 'last.md'
 SECTIONS: dict[str, Callable[[Options], Section]] = {
+    'e2e': e2e.measure,
     'handouts': handouts.measure,
 }
 
@@ -56,6 +63,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
                         help="our server's threads per process (default: taskfarm-server's)")
     parser.add_argument('--workers', type=int,
                         help="our server's processes on PostgreSQL (default: taskfarm-server's)")
+    parser.add_argument('--e2e-tasks', type=int, default=10**4)
+    parser.add_argument('--e2e-repeats', type=int, default=3)
+    parser.add_argument('--e2e-tools', default=','.join(e2e.TOOLS))
     parser.add_argument('--connections', default=','.join(map(str, handouts.CONNECTIONS)),
                         help='connection counts of the handouts section')
     parser.add_argument('--servers', default=','.join(handouts.ALL_SERVERS),
@@ -92,6 +102,8 @@ def options_from(args: argparse.Namespace, sections: Sequence[str]) -> Options:
                             if n in servers),
         fill=args.fill,
         loadgen=choose_loadgen(args.loadgen) if 'handouts' in sections else 'python',
+        e2e_tasks=args.e2e_tasks, e2e_repeats=args.e2e_repeats,
+        e2e_tools=names(args.e2e_tools, e2e.TOOLS, 'tools'),
     )
 
 

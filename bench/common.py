@@ -132,6 +132,9 @@ class Options:
     scale_servers: tuple[str, ...]
     fill: str
     loadgen: str
+    e2e_tasks: int
+    e2e_repeats: int
+    e2e_tools: tuple[str, ...]
 
 
 # --- small helpers --------------------------------------------------------------
