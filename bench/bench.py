@@ -1,11 +1,17 @@
 """Benchmark our taskfarm server: `make bench` (issues 5 and 11).
 
-In one run on one machine, side by side, it measures (`--sections` picks):
+In one run on one machine, side by side, it measures four sections
+(`--sections` picks some):
 
 - e2e: end to end, 10^4 tasks of `true` through `taskfarm work RUN -j 2`
   against ours on sqlite and on PostgreSQL (`taskfarm-server` defaults), and
   the same tasks through HyperQueue (in its own venv under .bench/), GNU
   parallel -j 2 and xargs -P 2: tasks/s and ratios (e2e.py);
+- batch: tasks/s handed out by batch claims of 100 at 8 and 32 connections,
+  PostgreSQL and sqlite (batch.py);
+- scale: 10^6 tasks claimed and reported done in batches of 100 by 8
+  workers on PostgreSQL: the time, the server's memory and run status
+  latency before and after (batch.py);
 - handouts: the original protocol, ours (default settings) against the
   original taskfarm 0.4.0 under gunicorn and a bare Falcon ceiling:
   hand-outs/s, worker cycles/s, latency, scale with tasks handed out, peak
@@ -27,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import batch
 import e2e
 import handouts
 from common import BENCH_DIR, REPO_ROOT, Options, Section
@@ -35,6 +42,8 @@ from loadgen import ensure_wrk
 REPORT_PATH = BENCH_DIR / 'last.md'
 SECTIONS: dict[str, Callable[[Options], Section]] = {
     'e2e': e2e.measure,
+    'batch': batch.measure_batch,
+    'scale': batch.measure_scale,
     'handouts': handouts.measure,
 }
 
@@ -66,6 +75,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument('--e2e-tasks', type=int, default=10**4)
     parser.add_argument('--e2e-repeats', type=int, default=3)
     parser.add_argument('--e2e-tools', default=','.join(e2e.TOOLS))
+    parser.add_argument('--batch-connections',
+                        default=','.join(map(str, batch.BATCH_CONNECTIONS)))
+    parser.add_argument('--scale-tasks', type=int, default=batch.SCALE_TASKS)
     parser.add_argument('--connections', default=','.join(map(str, handouts.CONNECTIONS)),
                         help='connection counts of the handouts section')
     parser.add_argument('--servers', default=','.join(handouts.ALL_SERVERS),
@@ -104,6 +116,7 @@ def options_from(args: argparse.Namespace, sections: Sequence[str]) -> Options:
         loadgen=choose_loadgen(args.loadgen) if 'handouts' in sections else 'python',
         e2e_tasks=args.e2e_tasks, e2e_repeats=args.e2e_repeats,
         e2e_tools=names(args.e2e_tools, e2e.TOOLS, 'tools'),
+        batch_connections=numbers(args.batch_connections), scale_tasks=args.scale_tasks,
     )
 
 

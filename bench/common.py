@@ -135,6 +135,8 @@ class Options:
     e2e_tasks: int
     e2e_repeats: int
     e2e_tools: tuple[str, ...]
+    batch_connections: tuple[int, ...]
+    scale_tasks: int
 
 
 # --- small helpers --------------------------------------------------------------

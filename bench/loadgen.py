@@ -29,6 +29,7 @@ WARMUP_SECONDS = 0.5
 LOAD_GRACE_SECONDS = 10.0
 # A simulated worker whose connections are refused this often in a row gives up.
 MAX_CONNECT_FAILURES = 100
+BATCH_SIZE = 100
 
 # --- the Python load generator ----------------------------------------------
 
@@ -102,6 +103,8 @@ class LoadSpec:
     duration: float
     warmup: float = WARMUP_SECONDS
     handouts_per_connection: int | None = None
+    batch_size: int = BATCH_SIZE  # tasks per batch claim
+    report_done: bool = False  # batch claims carry the previous batch's done reports
 
 
 @dataclass
@@ -207,7 +210,55 @@ class Cycles:
                         for update in [*PROGRESS_BODIES, {'status': 'done'}]]
 
 
-WORKLOADS = {'handout': Handouts, 'cycle': Cycles}
+class BatchClaims:
+    """The batch workload: claim `batch_size` tasks per request until none is
+    left; with `report_done`, each claim reports the previous batch done."""
+
+    def __init__(self, spec: LoadSpec, worker_uuid: str) -> None:
+        self.spec = spec
+        self.worker_uuid = worker_uuid
+        self.path = f'/api/runs/{spec.run_uuid}/tasks/claim'
+        self.plain_claim = self.claim_with(None)
+        self.held: list[int] = []
+        self.exhausted = False
+
+    def claim_with(self, updates: list[dict] | None) -> bytes:
+        body: dict[str, Any] = {'worker_uuid': self.worker_uuid, 'count': self.spec.batch_size}
+        if updates is not None:
+            body['updates'] = updates
+        return http_request('POST', self.path, self.spec.port, self.spec.auth, body)
+
+    def wants_more(self) -> bool:
+        return not self.exhausted
+
+    def request(self) -> bytes:
+        if not self.spec.report_done:
+            return self.plain_claim
+        return self.claim_with([{'task': task, 'status': 'done', 'percentCompleted': 100}
+                                for task in self.held])
+
+    def answer(self, status: int, body: bytes, started: float, recorder: Recorder) -> None:
+        if status != 200:
+            recorder.error(f'batch claim answered {status}: {body[:200]!r}')
+            self.exhausted = True  # a bounded load: an erring worker stops
+            return
+        try:
+            answer = json.loads(body)
+            tasks = [task['task'] for task in answer['data']]
+            refused = [result for result in answer.get('updates', []) if result['result'] != 'ok']
+        except (ValueError, KeyError, TypeError):
+            recorder.error(f'batch claim answered {body[:200]!r}')
+            self.exhausted = True
+            return
+        for result in refused[:1]:
+            recorder.error(f'a done report was refused: {result!r}')
+        recorder.errors += max(0, len(refused) - 1)
+        recorder.answered(started, time.monotonic(), is_handout=True, tasks=len(tasks))
+        self.held = tasks
+        self.exhausted = not tasks
+
+
+WORKLOADS = {'handout': Handouts, 'cycle': Cycles, 'batch': BatchClaims}
 
 
 class Link(asyncio.Protocol):
@@ -247,7 +298,8 @@ class SimulatedWorker:
     closes it. Callbacks instead of a coroutine per request keep the load
     generator cheap enough not to be the bottleneck."""
 
-    def __init__(self, workload: Handouts | Cycles, recorder: Recorder, port: int) -> None:
+    def __init__(self, workload: Handouts | Cycles | BatchClaims, recorder: Recorder,
+                 port: int) -> None:
         self.workload = workload
         self.recorder = recorder
         self.port = port
