@@ -18,31 +18,7 @@ import secrets
 import sys
 
 import taskfarm
-
-ADD_USER = """
-    INSERT INTO users (username, password_hash, token_stamp, is_admin)
-    VALUES (:username, :password_hash, :token_stamp, :is_admin)
-    ON CONFLICT (username) DO NOTHING
-    RETURNING id
-"""
-
-# A new token stamp makes every token issued before the change invalid.
-SET_PASSWORD = """
-    UPDATE users SET password_hash = :password_hash, token_stamp = :token_stamp
-    WHERE username = :username
-"""
-
-COUNT_RUNS_OF = """
-    SELECT count(*) AS runs FROM runs r JOIN users u ON u.id = r.owner_id
-    WHERE u.username = :username
-"""
-
-DELETE_USER = "DELETE FROM users WHERE username = :username"
-
-LIST_USERS = """
-    SELECT u.username, u.is_admin, (SELECT count(*) FROM runs r WHERE r.owner_id = u.id) AS runs
-    FROM users u ORDER BY u.username
-"""
+from store import Store
 
 
 def read_password(given: str | None) -> str:
@@ -56,11 +32,6 @@ def read_password(given: str | None) -> str:
     return password
 
 
-def credentials(password: str) -> dict:
-    return {'password_hash': taskfarm.hash_password(password),
-            'token_stamp': secrets.token_hex(8)}
-
-
 def valid_username(name: str) -> str:
     if not name or len(name) > 64 or ':' in name or name.startswith('tf1.'):
         sys.exit(f'taskfarm-admin: invalid user name {name!r} '
@@ -68,39 +39,46 @@ def valid_username(name: str) -> str:
     return name
 
 
-def init_db(db: taskfarm.Database, args: argparse.Namespace) -> None:
-    taskfarm.init_db(db)
+def create_user(store: Store, name: str, password_hash: str, admin: bool = False) -> bool:
+    """Add a user with a hashed password; False if the name is taken.
+
+    A new token stamp, so that no token issued before can be this user's.
+    """
+    return store.add_user(valid_username(name), password_hash, secrets.token_hex(8), admin)
+
+
+def init_db(store: Store, args: argparse.Namespace) -> None:
+    store.init()
     print('database ready')
 
 
-def add_user(db: taskfarm.Database, args: argparse.Namespace) -> None:
-    name = valid_username(args.name)
-    row = db.one(ADD_USER, {'username': name, 'is_admin': args.admin,
-                            **credentials(read_password(args.password))})
-    if row is None:
-        sys.exit(f'taskfarm-admin: user {name!r} exists already.')
-    print(f"added {'admin ' if args.admin else ''}user {name}")
+def add_user(store: Store, args: argparse.Namespace) -> None:
+    password_hash = taskfarm.hash_password(read_password(args.password))
+    if not create_user(store, args.name, password_hash, args.admin):
+        sys.exit(f'taskfarm-admin: user {args.name!r} exists already.')
+    print(f"added {'admin ' if args.admin else ''}user {args.name}")
 
 
-def change_password(db: taskfarm.Database, args: argparse.Namespace) -> None:
-    params = {'username': args.name, **credentials(read_password(args.password))}
-    if db.execute(SET_PASSWORD, params) == 0:
+def change_password(store: Store, args: argparse.Namespace) -> None:
+    password_hash = taskfarm.hash_password(read_password(args.password))
+    # A new token stamp makes every token issued before the change invalid.
+    if not store.set_password(args.name, password_hash, secrets.token_hex(8)):
         sys.exit(f'taskfarm-admin: no user {args.name!r}.')
     print(f'password of {args.name} changed; their old tokens no longer work')
 
 
-def delete_user(db: taskfarm.Database, args: argparse.Namespace) -> None:
-    runs = db.one(COUNT_RUNS_OF, {'username': args.name})['runs']
+def delete_user(store: Store, args: argparse.Namespace) -> None:
+    runs = store.count_runs_of(args.name)
     if runs and not args.with_runs:
         sys.exit(f'taskfarm-admin: {args.name} owns {runs} run(s); '
                  'add --with-runs to delete them too.')
-    if db.execute(DELETE_USER, {'username': args.name}) == 0:
+    if not store.delete_user(args.name):
         sys.exit(f'taskfarm-admin: no user {args.name!r}.')
     print(f'deleted user {args.name} and {runs} run(s)')
 
 
-def list_users(db: taskfarm.Database, args: argparse.Namespace) -> None:
-    for row in db.all(LIST_USERS):
+def list_users(store: Store, args: argparse.Namespace) -> None:
+    for row in store.users():
         admin = ' (admin)' if row['is_admin'] else ''
         print(f"{row['username']}{admin}: {row['runs']} run(s)")
 
@@ -155,13 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         steps = legacy_commands(argv)
     else:
         steps = [parser().parse_args(argv)]
-    config = taskfarm.Config.from_env()
-    db = taskfarm.open_database(config)
+    store = taskfarm.open_store(taskfarm.Config.from_env())
     try:
         for step in steps:
-            step.run(db, step)
+            step.run(store, step)
     finally:
-        db.close()
+        store.close()
 
 
 if __name__ == '__main__':

@@ -14,13 +14,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import webtest
 
+import admin
+import store
 import taskfarm
 
 HERE = Path(__file__).resolve().parent
@@ -36,11 +40,8 @@ BACKENDS = [
         not PG_URL, reason='PostgreSQL tests need TASKFARM_TEST_DATABASE_URL')),
 ]
 
-ADD_USER = """
-    INSERT INTO users (username, password_hash, token_stamp, is_admin)
-    VALUES (:username, :password_hash, :token_stamp, :is_admin)
-"""
-TABLES = 'tasks, run_stats, run_frontier, runs, workers, users, settings'
+TABLES = ('attempts, claims, task_inputs, tasks, run_stats, run_frontier, runs, workers, '
+          'users, settings')
 
 
 @pytest.fixture(scope='session')
@@ -62,22 +63,20 @@ def pg_database_url() -> str:
         conn.execute(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)')
 
 
-def seed(db: taskfarm.Database, password_hashes: dict[str, str]) -> None:
+def seed(tf: store.Store, password_hashes: dict[str, str]) -> None:
     """Tables, secret and the three test users: alice, bob and root (admin)."""
-    taskfarm.init_db(db)
+    tf.init()
     for name, password_hash in password_hashes.items():
-        db.execute(ADD_USER, {'username': name, 'password_hash': password_hash,
-                              'token_stamp': secrets.token_hex(8),
-                              'is_admin': name == 'root'})
+        admin.create_user(tf, name, password_hash, admin=name == 'root')
 
 
 def empty_database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == 'sqlite':
         return f'sqlite:///{tmp_path / "taskfarm.db"}'
     url = request.getfixturevalue('pg_database_url')
-    db = taskfarm.open_database(taskfarm.Config(database_url=url))
+    db = store.open_database(url)
     try:
-        db.script(taskfarm.schema_for('postgresql'))
+        db.script(store.schema_for('postgresql'))
         db.execute(f'TRUNCATE {TABLES} RESTART IDENTITY CASCADE')
     finally:
         db.close()
@@ -93,11 +92,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path,
 
 def seeded(url: str, password_hashes: dict[str, str]) -> str:
     """The database at url, seeded (see seed)."""
-    db = taskfarm.open_database(taskfarm.Config(database_url=url))
+    tf = store.Store(store.open_database(url))
     try:
-        seed(db, password_hashes)
+        seed(tf, password_hashes)
     finally:
-        db.close()
+        tf.close()
     return url
 
 
@@ -108,36 +107,76 @@ def config(database_url: str) -> taskfarm.Config:
 
 
 @pytest.fixture
-def db(config: taskfarm.Config) -> taskfarm.Database:
-    database = taskfarm.open_database(config)
-    yield database
-    database.close()
+def tf_store(config: taskfarm.Config) -> store.Store:
+    """The store of each test's database."""
+    opened = taskfarm.open_store(config)
+    yield opened
+    opened.close()
 
 
-def user_app(app: object, name: str) -> webtest.TestApp:
-    client = webtest.TestApp(app)
+@pytest.fixture
+def db(tf_store: store.Store) -> store.Database:
+    """The database under the store, for tests that look at rows directly."""
+    return tf_store.db
+
+
+class User(webtest.TestApp):
+    """A webtest client signed in as one user, with the calls tests make most."""
+
+    def create_run(self, num_tasks: int = 10, status: int = 201, **extra: Any) -> dict:
+        return self.post_json('/api/run', {'numTasks': num_tasks, **extra}, status=status).json
+
+    def register_worker(self, uuid: str = 'w1', hostname: str = 'node1', pid: int = 42) -> str:
+        self.post_json('/api/worker', {'uuid': uuid, 'hostname': hostname, 'pid': pid},
+                       status=201)
+        return uuid
+
+    def claim(self, run: str, worker: str, status: int = 201) -> webtest.TestResponse:
+        return self.post_json(f'/api/runs/{run}/task', {'worker_uuid': worker}, status=status)
+
+    def claim_tasks(self, run: str, worker: str, status: int = 200,
+                    **body: Any) -> webtest.TestResponse:
+        return self.post_json(f'/api/runs/{run}/tasks/claim', {'worker_uuid': worker, **body},
+                              status=status)
+
+    def run_info(self, run: str) -> dict:
+        return self.get(f'/api/runs/{run}').json
+
+    def put_task(self, run: str, task: int, body: dict,
+                 status: int = 204) -> webtest.TestResponse:
+        return self.put_json(f'/api/runs/{run}/tasks/{task}', body, status=status)
+
+
+def user_app(app: object, name: str) -> User:
+    client = User(app)
     client.authorization = ('Basic', (name, PASSWORDS[name]))
     return client
 
 
 @pytest.fixture
-def app(db: taskfarm.Database, config: taskfarm.Config):
-    return taskfarm.create_app(db, config)
+def app(tf_store: store.Store, config: taskfarm.Config):
+    return taskfarm.create_app(tf_store, config)
 
 
 @pytest.fixture
-def alice(app) -> webtest.TestApp:
+def alice(app) -> User:
     return user_app(app, 'alice')
 
 
 @pytest.fixture
-def bob(app) -> webtest.TestApp:
+def bob(app) -> User:
     return user_app(app, 'bob')
 
 
 @pytest.fixture
-def root(app) -> webtest.TestApp:
+def root(app) -> User:
     return user_app(app, 'root')
+
+
+@pytest.fixture
+def sign_in(app):
+    """A client of the app signed in as any test user: sign_in('bob')."""
+    return lambda name: user_app(app, name)
 
 
 # ---------------------------------------------------------------------------
@@ -151,6 +190,7 @@ class LiveServer:
     database_url: str
     user: str = 'alice'
     password: str = PASSWORDS['alice']
+    banner: str = ''            # the first line it printed: where and how it serves
     output: list[str] = field(default_factory=list)
 
     @property
@@ -167,12 +207,16 @@ class LiveServer:
             self.process.wait(timeout=10)
 
 
-def start_server(database_url: str, workers: int = 1, threads: int = 8,
+def start_server(database_url: str, workers: int | None = 1, threads: int = 8,
                  port: int = 0, env: dict | None = None) -> LiveServer:
-    """Start `taskfarm.py` on a free port and wait until it serves."""
+    """Start `taskfarm.py` on a free port and wait until it serves.
+
+    workers=None leaves the number of processes to the server's default.
+    """
+    processes = [] if workers is None else ['--workers', str(workers)]
     process = subprocess.Popen(
         [sys.executable, str(HERE / 'taskfarm.py'), '--host', '127.0.0.1',
-         '--port', str(port), '--workers', str(workers), '--threads', str(threads)],
+         '--port', str(port), '--threads', str(threads), *processes],
         env={**os.environ, 'DATABASE_URL': database_url, 'TASKFARM_SECRET': SECRET,
              **(env or {})},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -181,7 +225,7 @@ def start_server(database_url: str, workers: int = 1, threads: int = 8,
         process.kill()
         raise RuntimeError(f'server did not start: {line}{process.stdout.read()}')
     url = line.split('serving on ')[1].split()[0]
-    server = LiveServer(process, url, database_url)
+    server = LiveServer(process, url, database_url, banner=line)
     # Keep reading its output, so that a full pipe never blocks the server.
     threading.Thread(target=server.output.extend, args=(process.stdout,), daemon=True).start()
     wait_until_serving(url)
@@ -221,3 +265,45 @@ def servers(database_url: str):
 def live_server(servers) -> LiveServer:
     """One live waitress server on a seeded database of each backend."""
     return servers()
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., LiveServer]]:
+    """start_server on any database; every server stopped at the end."""
+    started: list[LiveServer] = []
+
+    def start(database_url: str, **kwargs: Any) -> LiveServer:
+        started.append(start_server(database_url, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Databases for tests that need more than one, or one without tables.
+
+
+@pytest.fixture
+def passwords() -> dict[str, str]:
+    """The test users' passwords: alice, bob and root (an admin)."""
+    return dict(PASSWORDS)
+
+
+@pytest.fixture
+def seed_database(password_hashes: dict[str, str]) -> Callable[[str], str]:
+    """Seeds (tables, secret, the test users) the database at a URL: seed_database(url)."""
+    return lambda url: seeded(url, password_hashes)
+
+
+@pytest.fixture
+def sqlite_database_url(tmp_path: Path, seed_database: Callable[[str], str]) -> str:
+    """A seeded sqlite database, whatever the backend of the test."""
+    return seed_database(f'sqlite:///{tmp_path / "taskfarm.db"}')
+
+
+@pytest.fixture(params=BACKENDS)
+def uninitialised_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """sqlite: a new file without tables; PostgreSQL: tables but no stored secret."""
+    return empty_database_url(request.param, tmp_path, request)

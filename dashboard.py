@@ -6,8 +6,9 @@ it. Sign-in is the browser's own Basic auth with the API's users, so the
 owners rule holds here as on the API. Pages work without JavaScript; a few
 lines of it refresh them in place every few seconds.
 
-Layout, top-down: SQL, the static stylesheet and script, formatting helpers,
-page fragments, resources, and `add_dashboard()` that wires the routes.
+Every number comes from the store (store.py), the API's own. Layout,
+top-down: the static stylesheet and script, formatting helpers, page
+fragments, resources, and `add_dashboard()` that wires the routes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from urllib.parse import parse_qs
 
 import falcon
 
-import taskfarm
-from taskfarm import OWNED, RESTART_ALL, RESTART_UNFINISHED, RUN_COUNTS
+from store import Owner, Store, check_run_uuid
 
 REFRESH_SECONDS = 5
 RUNS_SHOWN = 100            # newest runs on /runs
@@ -33,71 +33,6 @@ WORKERS_SAMPLE = 5000       # computing tasks whose workers a run page lists
 RATE_WINDOW = 600.0         # seconds: "tasks done per minute over the last ten minutes"
 RATE_SAMPLE = 2000          # done tasks counted at most, to keep huge runs fast
 MAX_FORM_BYTES = 4096
-
-# ---------------------------------------------------------------------------
-# SQL. The counts are the API's (run_stats, summed per run, then
-# taskfarm.run_status_json); RUN_STATUS takes one uuid and lacks the owner
-# and creation time, so the dashboard sums them in one query for both pages.
-# The task queries name their status literally and read the tasks_by_status
-# index (run_id, status, updated), so a run of 10^6 tasks costs no scan.
-
-RUN_SUMMARIES = """
-    SELECT r.id, r.uuid, r.num_tasks, r.name, r.timeout, r.max_attempts, r.created,
-           u.username AS owner, {counts},
-           count(*) OVER () AS total
-    FROM runs r
-    JOIN users u ON u.id = r.owner_id
-    JOIN run_stats s ON s.run_id = r.id
-    WHERE {which} AND {owned}
-    GROUP BY r.id, u.username
-    ORDER BY r.id DESC
-    LIMIT :limit
-"""
-LIST_RUN_SUMMARIES = RUN_SUMMARIES.format(which='1 = 1', owned=OWNED, counts=RUN_COUNTS)
-ONE_RUN_SUMMARY = RUN_SUMMARIES.format(which='r.uuid = :run', owned=OWNED, counts=RUN_COUNTS)
-
-# The newest done tasks of the window, at most :sample of them: exact up to
-# that many, and beyond it the rate over the newest :sample is as good.
-RECENTLY_DONE = """
-    SELECT count(*) AS done, min(updated) AS oldest FROM (
-        SELECT updated FROM tasks
-        WHERE run_id = :run_id AND status = 'done' AND updated >= :since
-        ORDER BY updated DESC
-        LIMIT :sample
-    ) recent
-"""
-
-# Longest silent first, so tasks whose lease ran out head the table.
-COMPUTING_TASKS = """
-    SELECT t.task, t.percent, t.attempts, t.started, t.updated,
-           w.uuid AS worker_uuid, w.hostname, w.pid
-    FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
-    WHERE t.run_id = :run_id AND t.status = 'computing'
-    ORDER BY t.updated, t.task
-    LIMIT :limit
-"""
-
-FAILED_TASKS = """
-    SELECT t.task, t.percent, t.attempts, t.started, t.updated,
-           w.uuid AS worker_uuid, w.hostname, w.pid
-    FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
-    WHERE t.run_id = :run_id AND t.status = 'failed'
-    ORDER BY t.updated DESC, t.task
-    LIMIT :limit
-"""
-
-# The workers holding the run's most recently active computing tasks.
-RUN_WORKERS = """
-    SELECT w.uuid, w.hostname, w.pid, w.start, w.last_seen,
-           count(*) AS held, max(t.updated) AS updated
-    FROM (SELECT worker_id, updated FROM tasks
-          WHERE run_id = :run_id AND status = 'computing'
-          ORDER BY updated DESC
-          LIMIT :sample) t
-    JOIN workers w ON w.id = t.worker_id
-    GROUP BY w.id, w.uuid, w.hostname, w.pid, w.start, w.last_seen
-    ORDER BY w.hostname, w.pid, w.uuid
-"""
 
 # ---------------------------------------------------------------------------
 # Static files: one stylesheet and one small script, served by the app.
@@ -220,28 +155,27 @@ def run_title(run: dict) -> str:
 # The numbers of a run: the API's counts, its recent rate and an ETA.
 
 
-def done_per_minute(db: taskfarm.Database, run: dict, now: float) -> float:
+def done_per_minute(store: Store, who: Owner, run: dict, now: float) -> float:
     # A run younger than the window is measured over its life so far (a
     # minute at least, so one early task does not promise the moon).
     window = max(60.0, min(RATE_WINDOW, now - run['created']))
-    row = db.one(RECENTLY_DONE, {'run_id': run['id'], 'since': now - window,
-                                 'sample': RATE_SAMPLE})
+    row = store.recently_done(who, run['uuid'], now - window, RATE_SAMPLE)
     if row['done'] < RATE_SAMPLE:
         return row['done'] * 60 / window
     return row['done'] * 60 / max(1.0, now - row['oldest'])
 
 
-def summarise(db: taskfarm.Database, run: dict, now: float) -> dict:
-    status = taskfarm.run_status_json(run)
-    rate = done_per_minute(db, run, now)
-    left = status['numTasks'] - status['numDone'] - status['numFailed']
+def summarise(store: Store, who: Owner, run: dict, now: float) -> dict:
+    """A run's status (from the store) with its recent rate and an ETA."""
+    rate = done_per_minute(store, who, run, now)
+    left = run['numTasks'] - run['numDone'] - run['numFailed']
     if left == 0:
-        eta = 'finished' if status['numFailed'] == 0 else 'finished, with failures'
+        eta = 'finished' if run['numFailed'] == 0 else 'finished, with failures'
     elif rate > 0:
         eta = duration(left / rate * 60)
     else:
         eta = 'unknown'
-    return {**status, 'rate': rate, 'eta': eta}
+    return {**run, 'rate': rate, 'eta': eta}
 
 
 def rate_text(rate: float) -> str:
@@ -272,14 +206,13 @@ SEGMENTS = (('done', 'numDone'), ('computing', 'numComputing'),
             ('failed', 'numFailed'), ('waiting', 'numWaiting'))
 
 
-def page(title: str, user: dict, main: str, refresh: bool = True) -> str:
+def page(title: str, user: dict, main: str, version: str, refresh: bool = True) -> str:
     """A whole page; title and main are HTML already escaped."""
     seconds = REFRESH_SECONDS if refresh else 0
     noscript = (f'<noscript><meta http-equiv="refresh" content="{seconds}"></noscript>\n'
                 if refresh else '')
     return PAGE.substitute(title=title, user=escape(user['username']), main=main,
-                           refresh=seconds, noscript=noscript,
-                           version=escape(taskfarm.__version__))
+                           refresh=seconds, noscript=noscript, version=escape(version))
 
 
 def progress_bar(status: dict) -> str:
@@ -515,51 +448,45 @@ class StaticFile:
 
 
 class RunsPage:
-    def __init__(self, db: taskfarm.Database) -> None:
-        self.db = db
+    def __init__(self, store: Store, version: str) -> None:
+        self.store = store
+        self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         now = time.time()
-        user = req.context.user
-        rows = self.db.all(LIST_RUN_SUMMARIES, {'limit': RUNS_SHOWN, **taskfarm.owner(req)})
-        summaries = [{**row, **summarise(self.db, row, now)} for row in rows]
+        user, who = req.context.user, Owner.of(req.context.user)
+        runs, total = self.store.run_summaries(who, RUNS_SHOWN)
+        summaries = [summarise(self.store, who, run, now) for run in runs]
         heading = 'All runs' if user['is_admin'] else 'Your runs'
         if summaries:
             listing = runs_table(summaries, show_owner=user['is_admin'])
-            listing += more(rows[0]['total'], len(rows), 'older runs')
+            listing += more(total, len(runs), 'older runs')
         else:
             listing = ('<p class="muted">No runs yet. Create one with '
                        '<code>POST /api/run</code>.</p>')
         main = f'<h1>{heading}</h1>{asof(now)}{listing}{legend()}'
-        html_response(resp, page(heading, user, main))
+        html_response(resp, page(heading, user, main, self.version))
 
 
 class RunPage:
-    def __init__(self, db: taskfarm.Database, secret: bytes) -> None:
-        self.db = db
+    def __init__(self, store: Store, secret: bytes, version: str) -> None:
+        self.store = store
         self.key = csrf_key(secret)
-
-    def find(self, req: falcon.Request, uuid: str) -> dict:
-        taskfarm.check_uuid(uuid)
-        row = self.db.one(ONE_RUN_SUMMARY, {'run': uuid, 'limit': 1, **taskfarm.owner(req)})
-        if row is None:
-            raise taskfarm.run_not_found(uuid)
-        return row
+        self.version = version
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
         now = time.time()
-        row = self.find(req, uuid)
-        run = {**row, **summarise(self.db, row, now)}
-        params = {'run_id': row['id'], 'limit': TASKS_SHOWN, 'sample': WORKERS_SAMPLE}
+        who = Owner.of(req.context.user)
+        run = summarise(self.store, who, self.store.run_summary(who, uuid), now)
         main = run_main(run, csrf_token(self.key, req.context.user, uuid),
-                        self.db.all(COMPUTING_TASKS, params),
-                        self.db.all(FAILED_TASKS, params),
-                        self.db.all(RUN_WORKERS, params), now)
-        title = escape(row['name']) if row['name'] else uuid
-        html_response(resp, page(title, req.context.user, main))
+                        self.store.computing_tasks(who, uuid, TASKS_SHOWN),
+                        self.store.failed_tasks(who, uuid, TASKS_SHOWN),
+                        self.store.run_workers(who, uuid, WORKERS_SAMPLE), now)
+        title = escape(run['name']) if run['name'] else uuid
+        html_response(resp, page(title, req.context.user, main, self.version))
 
     def checked_form(self, req: falcon.Request, uuid: str) -> dict[str, str]:
-        taskfarm.check_uuid(uuid)
+        check_run_uuid(uuid)
         form = read_form(req)
         expected = csrf_token(self.key, req.context.user, uuid)
         # As bytes: compare_digest() raises on non-ASCII str, and forms may send any.
@@ -580,7 +507,8 @@ class RunPage:
                 f'<p>{escape(action.question)} {escape(action.hint)}</p>'
                 f'{action_form(run["uuid"], form["csrf"], action, confirmed=True)}'
                 f'<p><a href="/runs/{run["uuid"]}">No, back to the run</a></p>')
-        html_response(resp, page(action.label, req.context.user, main, refresh=False))
+        html_response(resp, page(action.label, req.context.user, main, self.version,
+                                 refresh=False))
         return False
 
     def on_post_restart(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
@@ -589,25 +517,25 @@ class RunPage:
         if action is None:
             raise falcon.HTTPBadRequest(title='Invalid all',
                                         description='all must be true or false.')
-        run = self.find(req, uuid)
+        who = Owner.of(req.context.user)
+        run = self.store.run_summary(who, uuid)
         if self.confirm(req, resp, run, form, action):
-            restart = RESTART_ALL if action is EVERYTHING else RESTART_UNFINISHED
-            self.db.execute(restart, {'run_id': run['id']})
+            self.store.restart(who, uuid, reset_progress=action is EVERYTHING)
             raise falcon.HTTPSeeOther(f'/runs/{uuid}')
 
     def on_post_delete(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
         form = self.checked_form(req, uuid)
-        run = self.find(req, uuid)
+        who = Owner.of(req.context.user)
+        run = self.store.run_summary(who, uuid)
         if self.confirm(req, resp, run, form, DELETE):
-            if not taskfarm.delete_run(self.db, {'run': uuid, **taskfarm.owner(req)}):
-                raise taskfarm.run_not_found(uuid)
+            self.store.delete_run(who, uuid)
             raise falcon.HTTPSeeOther('/runs')
 
 
-def add_dashboard(app: falcon.App, db: taskfarm.Database, secret: bytes) -> None:
+def add_dashboard(app: falcon.App, store: Store, secret: bytes, version: str) -> None:
     """Add the dashboard's pages, forms and static files to the app."""
-    run_page = RunPage(db, secret)
-    app.add_route('/runs', RunsPage(db))
+    run_page = RunPage(store, secret, version)
+    app.add_route('/runs', RunsPage(store, version))
     app.add_route('/runs/{uuid}', run_page)
     app.add_route('/runs/{uuid}/restart', run_page, suffix='restart')
     app.add_route('/runs/{uuid}/delete', run_page, suffix='delete')

@@ -5,8 +5,10 @@ task number, report progress and mark tasks done. The database hands out the
 tasks: every hand-out is one atomic SQL statement, so any number of server
 processes can share one PostgreSQL database.
 
-Layout, top-down: configuration, SQL, the database object, auth, request
-validation, resources, the app factory, and the `taskfarm-server` command.
+This module is the HTTP side: configuration, auth, request validation, the
+Falcon resources and the app factory, and the `taskfarm-server` command.
+Every SQL statement lives in the store (store.py); the dashboard
+(dashboard.py) is added to the app by `create_app`.
 """
 
 from __future__ import annotations
@@ -17,27 +19,41 @@ import hashlib
 import hmac
 import html
 import json
+import logging
 import math
 import os
-import random
 import re
 import secrets
 import signal
 import socket
-import sqlite3
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
-from uuid import uuid4
+from typing import Any
 
 import falcon
 
-__version__ = '0.5.0'
+import dashboard
+from store import (
+    MAX_INT,
+    STATUSES,
+    DatabaseUnavailable,
+    Owner,
+    RunNotFound,
+    Store,
+    StoreError,
+    TaskNotFound,
+    TaskNotHeld,
+    Update,
+    WorkerNotFound,
+    WorkerTaken,
+    open_database,
+    valid_text,
+)
+
+__version__ = '0.6.0'
 
 # ---------------------------------------------------------------------------
 # Configuration: every environment variable, with its default, in one place.
@@ -49,7 +65,7 @@ class Config:
     secret: str | None = None           # else the one init-db stored
     token_ttl: int = 7 * 24 * 3600      # seconds a token stays valid
     auth_cache_seconds: float = 2.0     # revoked users/tokens die within this
-    db_timeout: float = 5.0             # wait for a lock or a pooled connection
+    db_timeout: float = 5.0             # wait for a lock, a connection or a reconnect
     pool_size: int = 10                 # PostgreSQL connections per process
 
     @classmethod
@@ -65,580 +81,29 @@ class Config:
             pool_size=int(env.get('TASKFARM_POOL_SIZE', cls.pool_size)),
         )
 
+    @property
+    def default_processes(self) -> int:
+        """One server process per core on PostgreSQL; one on sqlite, whose
+        single write lock two processes would only fight over."""
+        if self.database_url.startswith('sqlite'):
+            return 1
+        return os.cpu_count() or 1
 
-MAX_INT = 2**31 - 1
+
+class ConfigError(Exception):
+    """The server cannot start as configured; the message says what to do."""
+
+
+def open_store(config: Config) -> Store:
+    return Store(open_database(config.database_url, config.db_timeout, config.pool_size))
+
+
 MAX_BODY_BYTES = 64 * 1024
-STATUSES = ('waiting', 'computing', 'done', 'failed')
-UUID_RE = re.compile(r'[0-9a-f]{32}')
-UNPAIRED_SURROGATE_RE = re.compile(r'[\ud800-\udfff]')
 RETRY_AFTER_SECONDS = 2
-
-# ---------------------------------------------------------------------------
-# SQL. Placeholders are written `:name`; the database object adapts them.
-# Where PostgreSQL and sqlite differ, both versions stand side by side.
-
-
-class Dialects(NamedTuple):
-    postgresql: str
-    sqlite: str
-
-
-OWNED = '(owner_id = :user_id OR :is_admin)'
-
-CREATE_RUN = """
-    INSERT INTO runs (uuid, owner_id, num_tasks, name, timeout, max_attempts, created)
-    VALUES (:uuid, :user_id, :num_tasks, :name, :timeout, :max_attempts, :now)
-    RETURNING id
-"""
-
-LIST_RUNS = f"""
-    SELECT id, uuid, num_tasks, name FROM runs
-    WHERE {OWNED}
-    ORDER BY id
-"""
-
-FIND_RUN = f"""
-    SELECT id, num_tasks FROM runs
-    WHERE uuid = :run AND {OWNED}
-"""
-
-# A run's counts: its run_stats rows (alias s) added up; the API and the
-# dashboard both read them so.
-RUN_COUNTS = """
-           CAST(sum(s.computing) AS integer) AS computing,
-           CAST(sum(s.done) AS integer) AS done,
-           CAST(sum(s.failed) AS integer) AS failed,
-           sum(s.percent) AS percent"""
-
-RUN_STATUS = f"""
-    SELECT r.id, r.uuid, r.num_tasks, r.name, r.timeout, r.max_attempts, {RUN_COUNTS}
-    FROM runs r JOIN run_stats s ON s.run_id = r.id
-    WHERE r.uuid = :run AND {OWNED}
-    GROUP BY r.id
-"""
-
-# A delete first takes the run's frontier rows, in the order hand-outs take
-# them: otherwise a hand-out holding one and waiting for the run's row (to
-# insert its task) deadlocks with the delete cascading to that frontier row.
-LOCK_FRONTIER = Dialects(
-    postgresql="""
-    SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id
-    WHERE r.uuid = :run AND (r.owner_id = :user_id OR :is_admin)
-    FOR UPDATE OF f
-    """,
-    sqlite='SELECT 1',   # the transaction already holds sqlite's one write lock
-)
-
-DELETE_RUN = f"""
-    DELETE FROM runs
-    WHERE uuid = :run AND {OWNED}
-    RETURNING id
-"""
-
-RESTART_UNFINISHED = """
-    UPDATE tasks
-    SET status = 'waiting', attempts = 0, worker_id = NULL, lease_expires = NULL
-    WHERE run_id = :run_id AND status <> 'done'
-"""
-
-RESTART_ALL = """
-    UPDATE tasks
-    SET status = 'waiting', percent = 0, attempts = 0, worker_id = NULL,
-        lease_expires = NULL
-    WHERE run_id = :run_id
-"""
-
-# The hand-out. Order: rows that are waiting (or whose lease ran out),
-# lowest number first; else the next number never handed out.
-#
-# Fresh numbers come from the run's 8 frontier rows (run_frontier): row s
-# hands out s, s + 8, s + 16, ... A hand-out takes the frontier row with the
-# lowest next number, so numbers go out in order, yet up to 8 hand-outs of
-# one run proceed at once instead of queueing on a single hot row.
-FRONTIER_SHARDS = 8
-
-
-def claim_statement(frontier_order: str, frontier_lock: str) -> str:
-    """The PostgreSQL hand-out, with a choice of how to take a frontier row."""
-    return f"""
-    WITH worker AS (
-        SELECT id FROM workers WHERE uuid = :worker AND {OWNED}
-    ), run AS (
-        SELECT id, num_tasks, timeout, max_attempts FROM runs
-        WHERE uuid = :run AND {OWNED} AND EXISTS (SELECT 1 FROM worker)
-    ), exhausted AS (
-        UPDATE tasks SET status = 'failed', updated = :now
-        FROM run
-        WHERE tasks.run_id = run.id AND tasks.status = 'computing'
-          AND tasks.lease_expires < :now AND tasks.attempts >= run.max_attempts
-    ), waiting AS (
-        SELECT t.id, t.task FROM tasks t, run
-        WHERE t.run_id = run.id AND t.status = 'waiting'
-        ORDER BY t.task LIMIT 1
-        FOR UPDATE OF t SKIP LOCKED
-    ), expired AS (
-        SELECT t.id, t.task FROM tasks t, run
-        WHERE t.run_id = run.id AND t.status = 'computing'
-          AND t.lease_expires IS NOT NULL AND t.lease_expires < :now
-          AND (run.max_attempts IS NULL OR t.attempts < run.max_attempts)
-        ORDER BY t.lease_expires LIMIT 1
-        FOR UPDATE OF t SKIP LOCKED
-    ), reclaim AS (
-        SELECT id FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) c
-        ORDER BY task LIMIT 1
-    ), claimed AS (
-        UPDATE tasks
-        SET status = 'computing', worker_id = (SELECT id FROM worker),
-            attempts = tasks.attempts + 1, started = :now, updated = :now,
-            lease_expires = :now + run.timeout
-        FROM run, reclaim
-        WHERE tasks.id = reclaim.id
-        RETURNING tasks.id, tasks.task, tasks.percent, tasks.attempts
-    ), frontier AS (
-        SELECT f.run_id, f.shard FROM run_frontier f, run
-        WHERE f.run_id = run.id AND f.next_task < run.num_tasks
-          AND NOT EXISTS (SELECT 1 FROM reclaim)
-        ORDER BY {frontier_order} LIMIT 1
-        {frontier_lock}
-    ), fresh AS (
-        UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
-        FROM frontier
-        WHERE f.run_id = frontier.run_id AND f.shard = frontier.shard
-        RETURNING f.run_id, f.next_task - {FRONTIER_SHARDS} AS task
-    ), created AS (
-        INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
-                           updated, lease_expires)
-        SELECT fresh.run_id, fresh.task, 'computing', (SELECT id FROM worker), 1,
-               :now, :now, :now + run.timeout
-        FROM fresh, run
-        ON CONFLICT (run_id, task) DO UPDATE
-        SET status = 'computing', worker_id = EXCLUDED.worker_id,
-            attempts = tasks.attempts + 1, started = :now, updated = :now,
-            lease_expires = EXCLUDED.lease_expires
-        WHERE tasks.status = 'waiting'
-        RETURNING id, task, percent, attempts
-    )
-    SELECT id, task, percent, attempts FROM claimed
-    UNION ALL SELECT id, task, percent, attempts FROM created
-    UNION ALL SELECT NULL, task, NULL, NULL FROM fresh
-              WHERE NOT EXISTS (SELECT 1 FROM created)
-    UNION ALL SELECT NULL, NULL, NULL, NULL FROM run
-              WHERE NOT EXISTS (SELECT 1 FROM reclaim)
-                AND NOT EXISTS (SELECT 1 FROM frontier)
-                AND EXISTS (SELECT 1 FROM run_frontier f
-                            WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
-    """
-
-
-CLAIM_TASK = Dialects(
-    # One statement, atomic across any number of server processes: rows are
-    # taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take the
-    # same task nor wait on each other. The answer is the task, or a marker
-    # row: (NULL, n) "number n already had a row that a PUT finished:
-    # stepped over, ask again"; (NULL, NULL) "every frontier row was busy".
-    postgresql=claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED'),
-    # sqlite has no data-modifying CTEs; the same steps run as statements in
-    # one BEGIN IMMEDIATE transaction, atomic because sqlite has one writer.
-    # INDEXED BY: once ANALYZE has run, sqlite would rather walk the whole
-    # (run_id, task) index in task order (62 ms at 10^6 tasks, not 0.1 ms).
-    sqlite=f"""
-    SELECT r.id AS run_id, r.num_tasks, r.timeout, r.max_attempts, w.id AS worker_id
-    FROM runs r, workers w
-    WHERE r.uuid = :run AND (r.owner_id = :user_id OR :is_admin)
-      AND w.uuid = :worker AND (w.owner_id = :user_id OR :is_admin);
-
-    UPDATE tasks SET status = 'failed', updated = :now
-    WHERE run_id = :run_id AND status = 'computing'
-      AND lease_expires IS NOT NULL AND lease_expires < :now
-      AND attempts >= :max_attempts;
-
-    UPDATE tasks
-    SET status = 'computing', worker_id = :worker_id, attempts = attempts + 1,
-        started = :now, updated = :now, lease_expires = :now + :timeout
-    WHERE id = (
-        SELECT id FROM (
-            SELECT * FROM (SELECT id, task FROM tasks INDEXED BY tasks_waiting
-                           WHERE run_id = :run_id AND status = 'waiting'
-                           ORDER BY task LIMIT 1)
-            UNION ALL
-            SELECT * FROM (SELECT id, task FROM tasks INDEXED BY tasks_leased
-                           WHERE run_id = :run_id AND status = 'computing'
-                             AND lease_expires IS NOT NULL AND lease_expires < :now
-                             AND (:max_attempts IS NULL OR attempts < :max_attempts)
-                           ORDER BY lease_expires LIMIT 1)
-        ) ORDER BY task LIMIT 1)
-    RETURNING id, task, percent, attempts;
-
-    UPDATE run_frontier SET next_task = next_task + {FRONTIER_SHARDS}
-    WHERE run_id = :run_id AND shard = (
-        SELECT shard FROM run_frontier
-        WHERE run_id = :run_id AND next_task < :num_tasks
-        ORDER BY next_task LIMIT 1)
-    RETURNING next_task - {FRONTIER_SHARDS} AS task;
-
-    INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
-                       updated, lease_expires)
-    VALUES (:run_id, :task, 'computing', :worker_id, 1, :now, :now, :now + :timeout)
-    ON CONFLICT (run_id, task) DO UPDATE
-    SET status = 'computing', worker_id = excluded.worker_id,
-        attempts = tasks.attempts + 1, started = :now, updated = :now,
-        lease_expires = excluded.lease_expires
-    WHERE tasks.status = 'waiting'
-    RETURNING id, task, percent, attempts
-    """,
-)
-
-# Moves a run's frontier past the first :count tasks, for tools that fill a
-# run with task rows directly (tests, benchmarks).
-ADVANCE_FRONTIER = f"""
-    UPDATE run_frontier
-    SET next_task = :count + ((shard - :count) % {FRONTIER_SHARDS} + {FRONTIER_SHARDS})
-                             % {FRONTIER_SHARDS}
-    WHERE run_id = :run_id
-"""
-
-# When every frontier row is busy: wait for one, starting from a random
-# shard so that the waiting hand-outs spread over all of them.
-CLAIM_TASK_WAITING = claim_statement(
-    f'(f.shard + :spread) % {FRONTIER_SHARDS}', 'FOR UPDATE OF f')
-
-GET_TASK = f"""
-    SELECT r.num_tasks, t.id, t.status, t.percent, t.attempts
-    FROM runs r LEFT JOIN tasks t ON t.run_id = r.id AND t.task = :task
-    WHERE r.uuid = :run AND {OWNED}
-"""
-
-# A PUT creates the task's row if it has none, and renews the lease. A task
-# put back to waiting has no worker any more.
-UPDATE_TASK = f"""
-    INSERT INTO tasks (run_id, task, status, percent, updated, lease_expires)
-    SELECT id, :task, COALESCE(CAST(:status AS text), 'waiting'),
-           COALESCE(CAST(:percent AS double precision), 0), :now, :now + timeout
-    FROM runs
-    WHERE uuid = :run AND {OWNED} AND :task < num_tasks
-    ON CONFLICT (run_id, task) DO UPDATE
-    SET status = COALESCE(CAST(:status AS text), tasks.status),
-        percent = COALESCE(CAST(:percent AS double precision), tasks.percent),
-        updated = :now, lease_expires = excluded.lease_expires,
-        worker_id = CASE WHEN CAST(:status AS text) = 'waiting' THEN NULL
-                         ELSE tasks.worker_id END
-    RETURNING id
-"""
-
-# The same, only if the named worker still holds the task: a worker whose
-# lease ran out must not undo the work of the one that took the task over.
-UPDATE_HELD_TASK = """
-    UPDATE tasks
-    SET status = COALESCE(CAST(:status AS text), tasks.status),
-        percent = COALESCE(CAST(:percent AS double precision), tasks.percent),
-        updated = :now, lease_expires = :now + runs.timeout,
-        worker_id = CASE WHEN CAST(:status AS text) = 'waiting' THEN NULL
-                         ELSE tasks.worker_id END
-    FROM runs
-    WHERE runs.uuid = :run AND (runs.owner_id = :user_id OR :is_admin)
-      AND tasks.run_id = runs.id AND tasks.task = :task
-      AND tasks.worker_id = (SELECT id FROM workers WHERE uuid = :worker)
-    RETURNING tasks.id
-"""
-
-LIST_TASKS = """
-    SELECT t.id, t.task, t.status, t.percent, t.attempts, t.started, t.updated,
-           w.uuid AS worker_uuid, w.hostname, w.pid
-    FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
-    WHERE t.run_id = :run_id AND t.task > :after
-      AND (CAST(:status AS text) IS NULL OR t.status = CAST(:status AS text))
-    ORDER BY t.task
-    LIMIT :limit
-"""
-
-REGISTER_WORKER = """
-    INSERT INTO workers (uuid, owner_id, hostname, pid, start, last_seen)
-    VALUES (:uuid, :user_id, :hostname, :pid, :now, :now)
-    ON CONFLICT (uuid) DO NOTHING
-    RETURNING id
-"""
-
-FIND_WORKER = """
-    SELECT id, owner_id, hostname, pid FROM workers WHERE uuid = :uuid
-"""
-
-TOUCH_WORKER = f"""
-    UPDATE workers SET last_seen = :now
-    WHERE uuid = :uuid AND {OWNED}
-    RETURNING id
-"""
-
-RENEW_LEASES = """
-    UPDATE tasks SET lease_expires = :now + runs.timeout, updated = :now
-    FROM runs
-    WHERE tasks.worker_id = :worker_id AND tasks.status = 'computing'
-      AND runs.id = tasks.run_id AND runs.timeout IS NOT NULL
-"""
-
-# A worker's last sign of life is its heartbeat or its latest task update.
-WORKERS_LAST_SEEN = Dialects(
-    postgresql='greatest(w.last_seen, h.updated)',
-    sqlite='max(w.last_seen, COALESCE(h.updated, 0))',
-)
-LIST_WORKERS = """
-    SELECT w.id, w.uuid, w.hostname, w.pid, w.start,
-           {last_seen} AS last_seen,
-           COALESCE(h.computing, 0) AS computing
-    FROM workers w LEFT JOIN (
-        SELECT worker_id, count(*) AS computing, max(updated) AS updated
-        FROM tasks WHERE status = 'computing' GROUP BY worker_id
-    ) h ON h.worker_id = w.id
-    WHERE (w.owner_id = :user_id OR :is_admin)
-    ORDER BY w.id
-"""
-LIST_WORKERS = Dialects(*(LIST_WORKERS.format(last_seen=expr) for expr in WORKERS_LAST_SEEN))
-
-USER_BY_ID = """
-    SELECT id, username, token_stamp, is_admin FROM users WHERE id = :id
-"""
-
-USER_BY_NAME = """
-    SELECT id, password_hash, token_stamp FROM users WHERE username = :username
-"""
-
-READ_SECRET = "SELECT value FROM settings WHERE name = 'secret'"
-
-# ---------------------------------------------------------------------------
-# The database: one small object over PostgreSQL (psycopg 3 and its pool) or
-# sqlite3 (a connection per thread). Resources never touch a driver.
-
-
-class DatabaseUnavailable(Exception):
-    """The database cannot answer now (down, locked, or out of connections)."""
-
-    @staticmethod
-    def handle(req: falcon.Request, resp: falcon.Response,
-               ex: Exception, params: dict) -> None:
-        raise falcon.HTTPServiceUnavailable(
-            title='Database unavailable',
-            description='The database cannot answer right now; try again shortly.',
-            retry_after=RETRY_AFTER_SECONDS)
-
-
-def to_pyformat(sql: str) -> str:
-    """`:name` placeholders to psycopg's `%(name)s` (and `%` to `%%`)."""
-    sql = sql.replace('%', '%%')
-    return re.sub(r'(?<![:\w]):([A-Za-z_]\w*)', r'%(\1)s', sql)
-
-
-class Database:
-    """What every backend offers: one(), all(), execute(), transaction()."""
-
-    dialect: str
-    Error: type[Exception]      # the driver's base error
-
-    def pick(self, sql: str | Dialects) -> str:
-        return getattr(sql, self.dialect) if isinstance(sql, Dialects) else sql
-
-    def one(self, sql: str | Dialects, params: dict | None = None) -> dict | None:
-        return self.single(lambda tx: tx.one(sql, params))
-
-    def all(self, sql: str | Dialects, params: dict | None = None) -> list[dict]:
-        return self.single(lambda tx: tx.all(sql, params))
-
-    def execute(self, sql: str | Dialects, params: dict | None = None) -> int:
-        return self.single(lambda tx: tx.execute(sql, params))
-
-    def single(self, statement: Callable[[Transaction], Any]) -> Any:
-        """Run one statement on its own (it commits by itself)."""
-        with self.transaction(atomic=False) as tx:
-            return statement(tx)
-
-    def script(self, sql: str) -> None:
-        raise NotImplementedError
-
-    @contextmanager
-    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
-        raise NotImplementedError
-        yield
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class Transaction:
-    """Statements on one connection; inside `db.transaction()` they commit together."""
-
-    def __init__(self, db: Database, conn: Any) -> None:
-        self.db = db
-        self.conn = conn
-
-    def _run(self, sql: str | Dialects, params: dict | None) -> Any:
-        return self.db.run_on(self.conn, self.db.pick(sql), params or {})
-
-    def one(self, sql: str | Dialects, params: dict | None = None) -> dict | None:
-        return self._run(sql, params).fetchone()
-
-    def all(self, sql: str | Dialects, params: dict | None = None) -> list[dict]:
-        return self._run(sql, params).fetchall()
-
-    def execute(self, sql: str | Dialects, params: dict | None = None) -> int:
-        return self._run(sql, params).rowcount
-
-
-def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
-    return {col[0]: value for col, value in zip(cursor.description, row)}
-
-
-class SqliteDatabase(Database):
-    dialect = 'sqlite'
-    Error = sqlite3.Error
-
-    def __init__(self, path: str, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-        self.local = threading.local()
-        # sqlite has one writer at a time, and its busy handler waits by
-        # sleeping in steps of up to 100 ms. Threads of this process take
-        # turns on a lock instead, which wakes the next one at once; only
-        # other processes meet the busy handler.
-        self.turn = threading.Lock()
-
-    def connection(self) -> sqlite3.Connection:
-        conn = getattr(self.local, 'conn', None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.timeout,
-                                   isolation_level=None, check_same_thread=False)
-            conn.row_factory = dict_factory
-            conn.execute('PRAGMA foreign_keys = ON')
-            conn.execute('PRAGMA journal_mode = WAL')
-            self.local.conn = conn
-        return conn
-
-    def run_on(self, conn: sqlite3.Connection, sql: str, params: dict) -> Any:
-        try:
-            return conn.execute(sql, params)
-        except sqlite3.OperationalError as e:
-            if 'locked' in str(e) or 'busy' in str(e):
-                raise DatabaseUnavailable(str(e)) from e
-            raise
-
-    @contextmanager
-    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
-        conn = self.connection()
-        if not self.turn.acquire(timeout=self.timeout):
-            raise DatabaseUnavailable('sqlite is busy')
-        try:
-            if not atomic:
-                yield Transaction(self, conn)
-                return
-            self.run_on(conn, 'BEGIN IMMEDIATE', {})
-            try:
-                yield Transaction(self, conn)
-            except BaseException:
-                conn.execute('ROLLBACK')
-                raise
-            self.run_on(conn, 'COMMIT', {})
-        finally:
-            self.turn.release()
-
-    def script(self, sql: str) -> None:
-        self.connection().executescript(sql)
-
-    def close(self) -> None:
-        conn = getattr(self.local, 'conn', None)
-        if conn is not None:
-            conn.close()
-            self.local.conn = None
-
-
-class PostgresDatabase(Database):
-    dialect = 'postgresql'
-
-    def __init__(self, url: str, timeout: float, pool_size: int) -> None:
-        import psycopg
-        import psycopg_pool
-        from psycopg.rows import dict_row
-
-        self.psycopg = psycopg
-        self.Error = psycopg.Error
-        self.pool_timeout_error = psycopg_pool.PoolTimeout
-        self.timeout = timeout
-        self.pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=pool_size, timeout=timeout, open=True,
-            # Every statement here looks rows up by key: plan it once per
-            # connection, not on each call (custom plans cost ~0.4 ms).
-            kwargs={'autocommit': True, 'row_factory': dict_row,
-                    'connect_timeout': max(1, int(timeout)),
-                    'options': '-c plan_cache_mode=force_generic_plan'},
-            name='taskfarm')
-        self.converted: dict[str, str] = {}
-
-    def single(self, statement: Callable[[Transaction], Any]) -> Any:
-        # A statement that lost a deadlock was rolled back whole: run it again.
-        for attempt in range(3):
-            try:
-                return super().single(statement)
-            except DatabaseUnavailable as e:
-                lost = isinstance(e.__cause__, self.psycopg.errors.TransactionRollback)
-                if not lost or attempt == 2:
-                    raise
-        raise AssertionError('unreachable')
-
-    def run_on(self, conn: Any, sql: str, params: dict) -> Any:
-        query = self.converted.get(sql)
-        if query is None:
-            query = self.converted[sql] = to_pyformat(sql)
-        return conn.execute(query, params)
-
-    @contextmanager
-    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
-        try:
-            with self.pool.connection() as conn:
-                if atomic:
-                    with conn.transaction():
-                        yield Transaction(self, conn)
-                else:
-                    yield Transaction(self, conn)
-        except self.pool_timeout_error as e:
-            raise DatabaseUnavailable(str(e)) from e
-        except self.psycopg.errors.TransactionRollback as e:
-            raise DatabaseUnavailable(str(e)) from e
-        except self.psycopg.OperationalError as e:
-            # Dead connections go back to the pool marked bad; drop idle
-            # ones too, so the next request after an outage gets a live one.
-            self.pool.check()
-            raise DatabaseUnavailable(str(e)) from e
-
-    def script(self, sql: str) -> None:
-        with self.pool.connection() as conn:
-            conn.execute(sql)
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-def open_database(config: Config) -> Database:
-    url = config.database_url
-    if url.startswith('sqlite:///'):
-        return SqliteDatabase(url[len('sqlite:///'):], config.db_timeout)
-    if url.startswith(('postgresql://', 'postgres://')):
-        return PostgresDatabase(url, config.db_timeout, config.pool_size)
-    raise ValueError(f'DATABASE_URL must start with sqlite:/// or postgresql://, not {url!r}')
-
-
-def schema_for(dialect: str) -> str:
-    """The section of schema.sql for one dialect."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'schema.sql')
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
-    sections = re.split(r'^-- @(\w+)\s*$', text, flags=re.MULTILINE)
-    return dict(zip(sections[1::2], sections[2::2]))[dialect]
-
-
-def init_db(db: Database) -> None:
-    """Create the tables and a signing secret; safe to run twice."""
-    db.script(schema_for(db.dialect))
-    db.execute("""
-        INSERT INTO settings (name, value) VALUES ('secret', :value)
-        ON CONFLICT (name) DO NOTHING
-    """, {'value': secrets.token_hex(32)})
-
+MAX_BATCH = 1000            # tasks of one claim, items of one report
+MAX_MESSAGE = 4096          # characters of a failure message
+MAX_RANGES = 1000           # items of a restart's `tasks`
+MIN_EXIT_CODE = -2**31
 
 # ---------------------------------------------------------------------------
 # Auth: salted scrypt password hashes, and HMAC-SHA256 tokens that carry the
@@ -696,8 +161,8 @@ class Authenticator:
     password still takes effect within that time.
     """
 
-    def __init__(self, db: Database, secret: bytes, config: Config) -> None:
-        self.db = db
+    def __init__(self, store: Store, secret: bytes, config: Config) -> None:
+        self.store = store
         self.secret = secret
         self.ttl = config.auth_cache_seconds
         self.users: dict[int, tuple[float, dict | None]] = {}
@@ -724,9 +189,7 @@ class Authenticator:
         cached = self.users.get(user_id)
         if cached and cached[0] > now:
             return cached[1]
-        user = self.db.one(USER_BY_ID, {'id': user_id})
-        if user is not None:
-            user['is_admin'] = bool(user['is_admin'])
+        user = self.store.user_by_id(user_id)
         self.users[user_id] = (now + self.ttl, user)
         return user
 
@@ -736,7 +199,7 @@ class Authenticator:
         cached = self.passwords.get(key)
         if cached and cached[0] > now:
             return cached[1], cached[2]
-        row = self.db.one(USER_BY_NAME, {'username': name})
+        row = self.store.user_by_name(name)
         if row is None or not verify_password(password, row['password_hash']):
             return None
         self.passwords[key] = (now + self.ttl, row['id'], row['token_stamp'])
@@ -775,10 +238,9 @@ class AuthMiddleware:
         req.context.user = user
 
 
-def owner(req: falcon.Request) -> dict:
-    """The parameters every owned query needs."""
-    user = req.context.user
-    return {'user_id': user['id'], 'is_admin': user['is_admin']}
+def owner(req: falcon.Request) -> Owner:
+    """Who asks: the owner rule of every store call."""
+    return Owner.of(req.context.user)
 
 
 # ---------------------------------------------------------------------------
@@ -801,33 +263,46 @@ def strict_json_loads(text: str) -> Any:
         raise ValueError('JSON nested too deeply') from None
 
 
-def read_body(req: falcon.Request, allowed: tuple[str, ...]) -> dict:
+def read_body(req: falcon.Request, allowed: Sequence[str], empty_ok: bool = False) -> dict:
     """The JSON object of the body, refusing keys the route does not know.
 
     The body is read as JSON whatever its Content-Type: a `curl -d` without
-    a header should not turn into a form.
+    a header should not turn into a form. With empty_ok, no body is {}.
     """
     if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
-        raise falcon.HTTPContentTooLarge(
-            title='Body too large',
-            description=f'Request bodies are limited to {MAX_BODY_BYTES} bytes.')
+        raise body_too_large()
     raw = req.bounded_stream.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise body_too_large()
+    if empty_ok and not raw.strip():
+        return {}
     try:
         body = strict_json_loads(raw.decode('utf-8')) if raw.strip() else None
     except ValueError as e:
         raise falcon.HTTPBadRequest(title='Invalid JSON',
-                                    description=f'The body is not valid UTF-8 JSON: {e}.')
+                                    description=f'The body is not valid UTF-8 JSON: {e}.'
+                                    ) from None
     if not isinstance(body, dict):
         raise falcon.HTTPBadRequest(
             title='Invalid body',
             description=f'Send a JSON object with keys from: {", ".join(allowed)}.')
+    check_keys(body, allowed)
+    return body
+
+
+def body_too_large() -> falcon.HTTPContentTooLarge:
+    return falcon.HTTPContentTooLarge(
+        title='Body too large',
+        description=f'Request bodies are limited to {MAX_BODY_BYTES} bytes.')
+
+
+def check_keys(body: dict, allowed: Sequence[str], where: str = '') -> None:
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise falcon.HTTPBadRequest(
             title='Unknown key',
-            description=f'Unknown key {unknown[0][:64]!r}; '
-                        f'this route takes: {", ".join(allowed)}.')
-    return body
+            description=f'{where}Unknown key {unknown[0][:64]!r}; '
+                        f'this takes: {", ".join(allowed)}.')
 
 
 def bad_field(key: str, problem: str) -> falcon.HTTPBadRequest:
@@ -866,52 +341,91 @@ def require_number(body: dict, key: str, minimum: float, maximum: float) -> floa
     return float(value)
 
 
-def require_str(body: dict, key: str, max_length: int, required: bool = True) -> str | None:
+def require_str(body: dict, key: str, max_length: int, required: bool = True,
+                min_length: int = 1) -> str | None:
     if not present(body, key, required):
         return None
     value = body[key]
     if not isinstance(value, str):
         raise bad_field(key, 'must be a string')
-    if not 1 <= len(value) <= max_length:
-        raise bad_field(key, f'must be 1 to {max_length} characters long')
+    if not min_length <= len(value) <= max_length:
+        raise bad_field(key, f'must be {min_length} to {max_length} characters long')
     if not valid_text(value, max_length):
         raise bad_field(key, 'must not contain NUL characters or unpaired surrogates')
     return value
 
 
-def valid_text(value: str, max_length: int) -> bool:
-    """Text both databases can store: no NUL, no lone surrogate, not too long."""
-    return (len(value) <= max_length and '\0' not in value
-            and not UNPAIRED_SURROGATE_RE.search(value))
+def require_bool(body: dict, key: str) -> bool:
+    if not present(body, key, required=False):
+        return False
+    if type(body[key]) is not bool:
+        raise bad_field(key, 'must be true or false')
+    return body[key]
 
 
-def require_status(body: dict, allowed: tuple[str, ...] = STATUSES) -> str | None:
+def require_list(body: dict, key: str, minimum: int, maximum: int,
+                 required: bool = True) -> list | None:
+    if not present(body, key, required):
+        return None
+    value = body[key]
+    if not isinstance(value, list):
+        raise bad_field(key, 'must be a list')
+    if not minimum <= len(value) <= maximum:
+        raise bad_field(key, f'must have {minimum} to {maximum} items')
+    return value
+
+
+def require_status(body: dict) -> str | None:
     if 'status' not in body:
         return None
-    if body['status'] not in allowed:
-        raise bad_field('status', f'must be one of: {", ".join(allowed)}')
+    if body['status'] not in STATUSES:
+        raise bad_field('status', f'must be one of: {", ".join(STATUSES)}')
     return body['status']
 
 
-def check_uuid(uuid: str) -> None:
-    if not UUID_RE.fullmatch(uuid):
-        raise falcon.HTTPNotFound(title='Unknown run', description=f'No run {uuid[:64]!r}.')
+UPDATE_KEYS = ('percentCompleted', 'status', 'message', 'exitCode', 'final')
 
 
-def run_not_found(uuid: str) -> falcon.HTTPNotFound:
-    return falcon.HTTPNotFound(title='Unknown run', description=f'No run {uuid!r}.')
+def read_update(body: dict, task: int) -> Update:
+    """An update: one or more of percentCompleted, status, message, exitCode, final."""
+    if not body.keys() & set(UPDATE_KEYS):
+        raise falcon.HTTPBadRequest(
+            title='Nothing to update',
+            description=f'Send one or more of: {", ".join(UPDATE_KEYS)}.')
+    status = require_status(body)
+    final = require_bool(body, 'final')
+    if 'final' in body and status != 'failed':
+        raise bad_field('final', 'is allowed only beside "status": "failed"')
+    return Update(task=task, percent=require_number(body, 'percentCompleted', 0, 100),
+                  status=status, final=final,
+                  message=require_str(body, 'message', MAX_MESSAGE, required=False,
+                                      min_length=0),
+                  exit_code=require_int(body, 'exitCode', MIN_EXIT_CODE, MAX_INT,
+                                        required=False))
 
 
-def unknown_worker(uuid: str) -> falcon.HTTPNotFound:
-    return falcon.HTTPNotFound(title='Unknown worker',
-                               description=f'No worker {uuid[:64]!r} of yours; '
-                                           'register it with POST /api/worker.')
-
-
-def unknown_info(info: str, allowed: tuple[str, ...]) -> falcon.HTTPNotFound:
-    return falcon.HTTPNotFound(
-        title='Unknown info',
-        description=f'info must be empty or one of: {", ".join(allowed)} (not {info[:64]!r}).')
+def read_updates(items: list) -> list[Update]:
+    """The items of a batch report; a 400 names the index of a bad one."""
+    updates, seen = [], {}
+    for index, item in enumerate(items):
+        where = f'updates[{index}]'
+        try:
+            if not isinstance(item, dict):
+                raise falcon.HTTPBadRequest(title='Invalid update',
+                                            description='An update is a JSON object.')
+            check_keys(item, ('task', *UPDATE_KEYS))
+            task = require_int(item, 'task', 0, MAX_INT)
+            updates.append(read_update(item, task))
+        except falcon.HTTPBadRequest as e:
+            raise falcon.HTTPBadRequest(title=e.title,
+                                        description=f'{where}: {e.description}') from None
+        if task in seen:
+            raise falcon.HTTPBadRequest(
+                title='Task named twice',
+                description=f'{where}: task {task} is already in updates[{seen[task]}]; '
+                            'send one update per task.')
+        seen[task] = index
+    return updates
 
 
 def int_param(req: falcon.Request, name: str, default: int, minimum: int, maximum: int) -> int:
@@ -923,6 +437,44 @@ def int_param(req: falcon.Request, name: str, default: int, minimum: int, maximu
             title=f'Invalid {name}',
             description=f'{name} must be an integer from {minimum} to {maximum}.')
     return int(raw)
+
+
+def status_param(req: falcon.Request) -> str | None:
+    status = req.get_param('status')
+    if status is not None and status not in STATUSES:
+        raise bad_field('status', f'must be one of: {", ".join(STATUSES)}')
+    return status
+
+
+RANGE_RE = re.compile(r'(\d{1,10})(?:-(\d{1,10}))?')
+
+
+def parse_ranges(text: str, num_tasks: int) -> list[tuple[int, int]]:
+    """`3-5,9` to [(3, 5), (9, 9)]: task numbers and inclusive ranges within the run."""
+    items = text.split(',')
+    if len(items) > MAX_RANGES:
+        raise bad_field('tasks', f'has more than {MAX_RANGES} items')
+    ranges = []
+    for item in items:
+        match = RANGE_RE.fullmatch(item)
+        if match is None:
+            raise bad_field('tasks', f'must be task numbers or ranges a-b, comma-separated, '
+                                     f'without spaces (not {item[:32]!r})')
+        low = int(match[1])
+        high = low if match[2] is None else int(match[2])
+        if low > high:
+            raise bad_field('tasks', f'has a range {item!r} whose start is after its end')
+        if high >= num_tasks:
+            raise bad_field('tasks', f'names task {high}; this run has tasks 0 to '
+                                     f'{num_tasks - 1}')
+        ranges.append((low, high))
+    return ranges
+
+
+def unknown_info(info: str, allowed: Sequence[str]) -> falcon.HTTPNotFound:
+    return falcon.HTTPNotFound(
+        title='Unknown info',
+        description=f'info must be empty or one of: {", ".join(allowed)} (not {info[:64]!r}).')
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -941,36 +493,42 @@ def run_json(row: dict) -> dict:
             'name': row['name']}
 
 
-def run_status_json(row: dict) -> dict:
-    num_tasks = row['num_tasks']
-    busy = row['computing'] + row['done'] + row['failed']
-    # Counts are summed from per-change deltas; round away float dust.
-    percent = min(100.0, max(0.0, round(row['percent'] / num_tasks, 6)))
-    return {**run_json(row), 'timeout': row['timeout'], 'maxAttempts': row['max_attempts'],
-            'percentDone': percent, 'numWaiting': num_tasks - busy,
-            'numComputing': row['computing'], 'numDone': row['done'],
-            'numFailed': row['failed']}
+def task_json(row: dict) -> dict:
+    """A task as the API shows it; a task that has no row yet is waiting at 0%."""
+    if row.get('id') is None:
+        task = {'id': None, 'task': row['task'], 'percentCompleted': 0.0,
+                'status': 'waiting', 'attempts': 0, 'failures': 0,
+                'message': None, 'exitCode': None}
+    else:
+        task = {'id': row['id'], 'task': row['task'],
+                'percentCompleted': float(row['percent']), 'status': row['status'],
+                'attempts': row['attempts'], 'failures': row['failures'],
+                'message': row['message'], 'exitCode': row['exit_code']}
+    if row.get('input') is not None:
+        task['input'] = json.loads(row['input'])
+    return task
 
 
-def task_json(number: int, row: dict | None) -> dict:
-    if row is None or row.get('id') is None:
-        return {'id': None, 'task': number, 'percentCompleted': 0.0,
-                'status': 'waiting', 'attempts': 0}
-    return {'id': row['id'], 'task': number, 'percentCompleted': float(row['percent']),
-            'status': row['status'], 'attempts': row['attempts']}
+def worker_json(row: dict) -> dict | None:
+    if row['worker_uuid'] is None:
+        return None
+    return {'uuid': row['worker_uuid'], 'hostname': row['hostname'], 'pid': row['pid']}
 
 
 def listed_task_json(row: dict) -> dict:
-    worker = None
-    if row['worker_uuid'] is not None:
-        worker = {'uuid': row['worker_uuid'], 'hostname': row['hostname'],
-                  'pid': row['pid']}
-    return {**task_json(row['task'], row), 'started': iso(row['started']),
-            'updated': iso(row['updated']), 'worker': worker}
+    return {**task_json(row), 'started': iso(row['started']),
+            'updated': iso(row['updated']), 'worker': worker_json(row)}
+
+
+def attempt_json(row: dict) -> dict:
+    return {'attempt': row['attempt'], 'outcome': row['outcome'],
+            'started': iso(row['started']), 'ended': iso(row['ended']),
+            'exitCode': row['exit_code'], 'message': row['message'],
+            'worker': worker_json(row)}
 
 
 # ---------------------------------------------------------------------------
-# Resources.
+# Resources: each parses the request, calls the store, shapes the JSON.
 
 INDEX_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Taskfarm Server</title></head>
@@ -1004,56 +562,42 @@ class Token:
 
 
 class Runs:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = read_body(req, ('numTasks', 'name', 'timeout', 'maxAttempts'))
-        params = {
-            'uuid': uuid4().hex,
-            'num_tasks': require_int(body, 'numTasks', 1, MAX_INT),
-            'name': require_str(body, 'name', 200, required=False),
-            'timeout': require_int(body, 'timeout', 1, 31536000, required=False),
-            'max_attempts': require_int(body, 'maxAttempts', 1, 1000, required=False),
-            'now': time.time(), **owner(req)}
-        row = self.db.one(CREATE_RUN, params)
+        body = read_body(req, ('numTasks', 'name', 'timeout', 'maxAttempts', 'retries',
+                               'maxFailures'))
+        run = self.store.create_run(
+            owner(req), num_tasks=require_int(body, 'numTasks', 1, MAX_INT),
+            name=require_str(body, 'name', 200, required=False),
+            timeout=require_int(body, 'timeout', 1, 31536000, required=False),
+            max_attempts=require_int(body, 'maxAttempts', 1, 1000, required=False),
+            retries=require_int(body, 'retries', 0, 100, required=False),
+            max_failures=require_int(body, 'maxFailures', 1, MAX_INT, required=False))
         resp.status = falcon.HTTP_201
-        resp.media = {'id': row['id'], 'uuid': params['uuid'],
-                      'numTasks': params['num_tasks']}
+        resp.media = run
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {'data': [run_json(row) for row in self.db.all(LIST_RUNS, owner(req))]}
+        resp.media = {'data': [run_json(row) for row in self.store.runs(owner(req))]}
 
 
 RUN_INFO = ('percentDone', 'numWaiting', 'numDone', 'numComputing', 'numFailed')
 
 
 class Run:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def find(self, req: falcon.Request, uuid: str) -> dict:
-        check_uuid(uuid)
-        row = self.db.one(FIND_RUN, {'run': uuid, **owner(req)})
-        if row is None:
-            raise run_not_found(uuid)
-        return row
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
         info = req.get_param('info', default='')
         if info and info not in RUN_INFO:
             raise unknown_info(info, RUN_INFO)
-        check_uuid(uuid)
-        row = self.db.one(RUN_STATUS, {'run': uuid, **owner(req)})
-        if row is None:
-            raise run_not_found(uuid)
-        status = run_status_json(row)
+        status = self.store.run_status(owner(req), uuid)
         resp.media = {info: status[info]} if info else status
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
-        check_uuid(uuid)
-        if not delete_run(self.db, {'run': uuid, **owner(req)}):
-            raise run_not_found(uuid)
+        self.store.delete_run(owner(req), uuid)
         resp.status = falcon.HTTP_204
 
     def on_post_restart(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
@@ -1061,197 +605,165 @@ class Run:
         if everything not in ('true', 'false'):
             raise falcon.HTTPNotFound(title='Invalid all',
                                       description='all must be True or False.')
-        run = self.find(req, uuid)
-        restart = RESTART_ALL if everything == 'true' else RESTART_UNFINISHED
-        self.db.execute(restart, {'run_id': run['id']})
+        status = req.get_param('status', default=None)
+        if status is not None and status not in STATUSES:
+            raise bad_field('status', f'must be one of: {", ".join(STATUSES)}')
+        tasks = req.get_param('tasks', default=None)
+        ranges = None
+        if tasks is not None:
+            ranges = parse_ranges(tasks, self.store.find_run(owner(req), uuid)['num_tasks'])
+        self.store.restart(owner(req), uuid, reset_progress=everything == 'true',
+                           status=status, ranges=ranges)
         resp.status = falcon.HTTP_204
 
     def on_get_tasks(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
-        status = req.get_param('status')
-        if status is not None and status not in STATUSES:
-            raise bad_field('status', f'must be one of: {", ".join(STATUSES)}')
-        params = {'status': status,
-                  'limit': int_param(req, 'limit', 100, 1, 1000),
-                  'after': int_param(req, 'after', -1, -1, MAX_INT)}
-        run = self.find(req, uuid)
-        rows = self.db.all(LIST_TASKS, {'run_id': run['id'], **params})
+        rows = self.store.list_tasks(
+            owner(req), uuid, status=status_param(req),
+            limit=int_param(req, 'limit', 100, 1, 1000),
+            after=int_param(req, 'after', -1, -1, MAX_INT))
         resp.media = {'data': [listed_task_json(row) for row in rows]}
+
+    def on_patch_tasks(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        """The batch report: many updates of one worker's tasks in one request."""
+        body = read_body(req, ('worker_uuid', 'updates'))
+        worker = require_str(body, 'worker_uuid', 64)
+        updates = read_updates(require_list(body, 'updates', 1, MAX_BATCH))
+        resp.media = {'updates': self.store.report(owner(req), uuid, worker, updates)}
 
 
 class TaskHandout:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.sqlite_steps = CLAIM_TASK.sqlite.split(';')
+    """POST /api/runs/{uuid}/task: one task (the original protocol)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
-        body = read_body(req, ('worker_uuid',))
-        worker = require_str(body, 'worker_uuid', 64)
-        check_uuid(uuid)
-        params = {'run': uuid, 'worker': worker, **owner(req)}
-        row = self.claim(params)
-        if row is None:
-            self.explain_nothing(params)
+        body = read_body(req, ('worker_uuid', 'requestId'))
+        claim = self.store.claim(owner(req), uuid, require_str(body, 'worker_uuid', 64),
+                                 request_id=require_str(body, 'requestId', 64, required=False))
+        if not claim.tasks:
             resp.status = falcon.HTTP_204
             return
         resp.status = falcon.HTTP_201
-        resp.media = {'id': row['id'], 'task': row['task'],
-                      'percentCompleted': float(row['percent']), 'status': 'computing',
-                      'attempts': row['attempts']}
+        resp.media = task_json(claim.tasks[0])
 
-    def claim(self, params: dict) -> dict | None:
-        # A fresh number that a PUT already gave a row is stepped over; each
-        # step moves the frontier on, so this loop ends.
-        statement = CLAIM_TASK
-        while True:
-            params['now'] = time.time()
-            if self.db.dialect == 'postgresql':
-                row = self.db.one(statement, params)
-            else:
-                row = self.claim_sqlite(params)
-            if row is None or row['id'] is not None:
-                return row
-            if row['task'] is None:     # every frontier row was busy
-                statement = CLAIM_TASK_WAITING
-                params['spread'] = random.randrange(FRONTIER_SHARDS)
 
-    def claim_sqlite(self, params: dict) -> dict | None:
-        find, exhaust, reclaim, advance, create = self.sqlite_steps
-        with self.db.transaction() as tx:
-            found = tx.one(find, params)
-            if found is None:
-                return None
-            params = {**params, **found}
-            tx.execute(exhaust, params)
-            row = tx.one(reclaim, params)
-            if row is not None:
-                return row
-            fresh = tx.one(advance, params)
-            if fresh is None:
-                return None
-            row = tx.one(create, {**params, 'task': fresh['task']})
-            return row if row is not None else {'id': None, 'task': fresh['task']}
+class TaskClaim:
+    """POST /api/runs/{uuid}/tasks/claim: a batch, after the worker's updates."""
 
-    def explain_nothing(self, params: dict) -> None:
-        """Nothing handed out: 404 if the run or worker is unknown, else 204."""
-        if self.db.one(FIND_RUN, params) is None:
-            raise run_not_found(params['run'])
-        if self.db.one(TOUCH_WORKER, {'uuid': params['worker'], 'now': time.time(),
-                                      'user_id': params['user_id'],
-                                      'is_admin': params['is_admin']}) is None:
-            raise unknown_worker(params['worker'])
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        body = read_body(req, ('worker_uuid', 'count', 'updates', 'requestId'))
+        worker = require_str(body, 'worker_uuid', 64)
+        count = require_int(body, 'count', 1, MAX_BATCH, required=False) or 1
+        request_id = require_str(body, 'requestId', 64, required=False)
+        items = require_list(body, 'updates', 0, MAX_BATCH, required=False)
+        updates = None if items is None else read_updates(items)
+        claim = self.store.claim(owner(req), uuid, worker, count=count,
+                                 request_id=request_id, updates=updates)
+        resp.media = {'data': [task_json(row) for row in claim.tasks]}
+        if updates is not None:
+            resp.media['updates'] = claim.results
 
 
 TASK_INFO = ('status', 'percentCompleted', 'percentDone', 'attempts')
 
 
 class Task:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response,
                uuid: str, task_id: int) -> None:
         info = req.get_param('info', default='')
         if info and info not in TASK_INFO:
             raise unknown_info(info, TASK_INFO)
-        check_uuid(uuid)
-        row = self.db.one(GET_TASK, {'run': uuid, 'task': min(task_id, MAX_INT), **owner(req)})
-        if row is None:
-            raise run_not_found(uuid)
-        check_task_number(task_id, row['num_tasks'])
-        task = task_json(task_id, row)
-        task['percentDone'] = task['percentCompleted']
-        resp.media = {info: task[info]} if info else {
-            key: task[key] for key in ('id', 'task', 'percentCompleted', 'status', 'attempts')}
+        task = task_json(self.store.task(owner(req), uuid, task_id))
+        if info:
+            resp.media = {info: task['percentCompleted' if info == 'percentDone' else info]}
+        else:
+            resp.media = task
 
     def on_put(self, req: falcon.Request, resp: falcon.Response,
                uuid: str, task_id: int) -> None:
-        body = read_body(req, ('percentCompleted', 'status', 'worker_uuid'))
-        if not body.keys() - {'worker_uuid'}:
-            raise falcon.HTTPBadRequest(
-                title='Nothing to update',
-                description='Send percentCompleted and/or status.')
-        params = {'percent': require_number(body, 'percentCompleted', 0, 100),
-                  'status': require_status(body), 'task': task_id,
-                  'worker': require_str(body, 'worker_uuid', 64, required=False),
-                  'run': uuid, 'now': time.time(), **owner(req)}
-        check_uuid(uuid)
-        update = UPDATE_TASK if params['worker'] is None else UPDATE_HELD_TASK
-        if not 0 <= task_id <= MAX_INT or self.db.one(update, params) is None:
-            self.explain_no_update(params)
+        body = read_body(req, ('worker_uuid', *UPDATE_KEYS))
+        worker = require_str(body, 'worker_uuid', 64, required=False)
+        self.store.update_task(owner(req), uuid, read_update(body, task_id), worker)
         resp.status = falcon.HTTP_204
 
-    def explain_no_update(self, params: dict) -> None:
-        run = self.db.one(FIND_RUN, params)
-        if run is None:
-            raise run_not_found(params['run'])
-        check_task_number(params['task'], run['num_tasks'])
-        raise falcon.HTTPConflict(
-            title='Task not held',
-            description=f"Worker {params['worker']!r} does not hold task {params['task']}: "
-                        'its lease ran out or the run was restarted.')
-
-
-def delete_run(db: Database, params: dict) -> bool:
-    """Delete a run and all its tasks; False if there is no such run of the user's."""
-    with db.transaction() as tx:
-        tx.all(LOCK_FRONTIER, params)
-        return tx.one(DELETE_RUN, params) is not None
-
-
-def check_task_number(task_id: int, num_tasks: int) -> None:
-    if not 0 <= task_id < num_tasks:
-        raise falcon.HTTPNotFound(
-            title='Unknown task',
-            description=f'Task numbers of this run go from 0 to {num_tasks - 1}.')
+    def on_get_attempts(self, req: falcon.Request, resp: falcon.Response,
+                        uuid: str, task_id: int) -> None:
+        rows = self.store.attempts(owner(req), uuid, task_id)
+        resp.media = {'data': [attempt_json(row) for row in rows]}
 
 
 class Workers:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_body(req, ('uuid', 'hostname', 'pid'))
-        params = {'uuid': require_str(body, 'uuid', 64),
-                  'hostname': require_str(body, 'hostname', 255),
-                  'pid': require_int(body, 'pid', 0, MAX_INT),
-                  'now': time.time(), **owner(req)}
-        row = self.db.one(REGISTER_WORKER, params)
-        if row is None:
-            row = self.same_worker_again(params)
+        uuid = require_str(body, 'uuid', 64)
+        worker_id = self.store.register_worker(
+            owner(req), uuid, hostname=require_str(body, 'hostname', 255),
+            pid=require_int(body, 'pid', 0, MAX_INT))
         resp.status = falcon.HTTP_201
-        resp.media = {'uuid': params['uuid'], 'id': row['id']}
-
-    def same_worker_again(self, params: dict) -> dict:
-        """A retried registration is fine; a clash with another worker is not."""
-        row = self.db.one(FIND_WORKER, params)
-        same = (row is not None and row['owner_id'] == params['user_id']
-                and row['hostname'] == params['hostname'] and row['pid'] == params['pid'])
-        if not same:
-            raise falcon.HTTPConflict(
-                title='Worker uuid taken',
-                description=f"Worker {params['uuid']!r} is registered with another "
-                            'hostname, pid or user; use a new uuid.')
-        return row
+        resp.media = {'uuid': uuid, 'id': worker_id}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {'data': [
             {'id': row['id'], 'uuid': row['uuid'], 'hostname': row['hostname'],
              'pid': row['pid'], 'start': iso(row['start']),
              'lastSeen': iso(row['last_seen']), 'numComputing': row['computing']}
-            for row in self.db.all(LIST_WORKERS, owner(req))]}
+            for row in self.store.workers(owner(req))]}
 
     def on_post_heartbeat(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
-        params = {'uuid': uuid, 'now': time.time(), **owner(req)}
-        with self.db.transaction() as tx:
-            worker = tx.one(TOUCH_WORKER, params) if valid_text(uuid, 64) else None
-            if worker is None:
-                raise unknown_worker(uuid)
-            tx.execute(RENEW_LEASES, {'worker_id': worker['id'], 'now': params['now']})
+        body = read_body(req, ('run', 'tasks'), empty_ok=True)
+        run = require_str(body, 'run', 64, required='tasks' in body)
+        tasks = require_list(body, 'tasks', 0, MAX_BATCH, required=run is not None) or []
+        if any(type(task) is not int or not 0 <= task <= MAX_INT for task in tasks):
+            raise bad_field('tasks', f'must be task numbers from 0 to {MAX_INT}')
+        self.store.heartbeat(owner(req), uuid, run=run, tasks=tasks)
         resp.status = falcon.HTTP_204
+
+
+class EmptySegments:
+    """A path with an empty segment (`/api/runs//task`) is unknown, as any
+    unknown run: the router would take the empty uuid and answer 405."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if '//' in req.path:
+            raise falcon.HTTPNotFound(title='Not found',
+                                      description=f'No route {req.path[:200]!r}.')
 
 
 # ---------------------------------------------------------------------------
 # The app.
+
+# Each domain error of the store, and the HTTP answer it gets.
+STORE_ERRORS: dict[type[StoreError], tuple[type[falcon.HTTPError], str]] = {
+    RunNotFound: (falcon.HTTPNotFound, 'Unknown run'),
+    WorkerNotFound: (falcon.HTTPNotFound, 'Unknown worker'),
+    TaskNotFound: (falcon.HTTPNotFound, 'Unknown task'),
+    TaskNotHeld: (falcon.HTTPConflict, 'Task not held'),
+    WorkerTaken: (falcon.HTTPConflict, 'Worker uuid taken'),
+}
+
+
+def store_error(req: falcon.Request, resp: falcon.Response, ex: StoreError,
+                params: dict) -> None:
+    error, title = STORE_ERRORS[type(ex)]
+    raise error(title=title, description=str(ex))
+
+
+def database_unavailable(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                         params: dict) -> None:
+    raise falcon.HTTPServiceUnavailable(
+        title='Database unavailable',
+        description='The database cannot answer right now; try again shortly.',
+        retry_after=RETRY_AFTER_SECONDS)
 
 
 def json_errors(req: falcon.Request, resp: falcon.Response,
@@ -1261,49 +773,54 @@ def json_errors(req: falcon.Request, resp: falcon.Response,
     resp.media = exception.to_dict()
 
 
-def load_secret(db: Database, config: Config) -> bytes:
+def load_secret(store: Store, config: Config) -> bytes:
     if config.secret:
         return config.secret.encode()
     try:
-        row = db.one(READ_SECRET)
-    except (db.Error, DatabaseUnavailable) as e:
-        raise SystemExit(f'taskfarm: cannot read the database ({e}); '
-                         'run `taskfarm-admin init-db` first.') from None
-    if row is None:
-        raise SystemExit('taskfarm: no secret to sign tokens with: set TASKFARM_SECRET '
-                         'or run `taskfarm-admin init-db`.')
-    return row['value'].encode()
+        secret = store.secret()
+    except DatabaseUnavailable as e:
+        raise ConfigError(f'cannot read the database ({e}); '
+                          'run `taskfarm-admin init-db` first.') from None
+    if secret is None:
+        raise ConfigError('no secret to sign tokens with: set TASKFARM_SECRET '
+                          'or run `taskfarm-admin init-db`.')
+    return secret.encode()
 
 
-def create_app(db: Database, config: Config | None = None) -> falcon.App:
+def create_app(store: Store, config: Config | None = None) -> falcon.App:
+    """The WSGI app over one store; ConfigError if it cannot serve."""
     config = config or Config()
-    secret = load_secret(db, config)
-    app = falcon.App(middleware=[AuthMiddleware(Authenticator(db, secret, config))])
+    secret = load_secret(store, config)
+    app = falcon.App(middleware=[EmptySegments(),
+                                 AuthMiddleware(Authenticator(store, secret, config))])
     app.set_error_serializer(json_errors)
-    app.add_error_handler(DatabaseUnavailable, DatabaseUnavailable.handle)
+    for error in STORE_ERRORS:
+        app.add_error_handler(error, store_error)
+    app.add_error_handler(DatabaseUnavailable, database_unavailable)
 
-    run, workers = Run(db), Workers(db)
+    run, workers, task = Run(store), Workers(store), Task(store)
     app.add_route('/', Index())
     app.add_route('/api/token', Token(secret, config.token_ttl))
-    app.add_route('/api/run', Runs(db))
-    app.add_route('/api/runs', Runs(db))
+    app.add_route('/api/run', Runs(store))
+    app.add_route('/api/runs', Runs(store))
     app.add_route('/api/runs/{uuid}', run)
     app.add_route('/api/runs/{uuid}/restart', run, suffix='restart')
     app.add_route('/api/runs/{uuid}/tasks', run, suffix='tasks')
-    app.add_route('/api/runs/{uuid}/task', TaskHandout(db))
-    app.add_route('/api/runs/{uuid}/tasks/{task_id:int}', Task(db))
+    app.add_route('/api/runs/{uuid}/task', TaskHandout(store))
+    app.add_route('/api/runs/{uuid}/tasks/claim', TaskClaim(store))
+    app.add_route('/api/runs/{uuid}/tasks/{task_id:int}', task)
+    app.add_route('/api/runs/{uuid}/tasks/{task_id:int}/attempts', task, suffix='attempts')
     app.add_route('/api/worker', workers)
     app.add_route('/api/workers', workers)
     app.add_route('/api/workers/{uuid}/heartbeat', workers, suffix='heartbeat')
-    import dashboard  # here: dashboard imports this module
-    dashboard.add_dashboard(app, db, secret)
+    dashboard.add_dashboard(app, store, secret, __version__)
     return app
 
 
 def get_app() -> falcon.App:
     """The app as deployed: configured from the environment."""
     config = Config.from_env()
-    return create_app(open_database(config), config)
+    return create_app(open_store(config), config)
 
 
 # ---------------------------------------------------------------------------
@@ -1316,11 +833,30 @@ def serve(argv: list[str] | None = None) -> None:
     parser.add_argument('--port', type=int, default=5000)
     parser.add_argument('--threads', type=int, default=8,
                         help='waitress threads per process (default 8)')
-    parser.add_argument('--workers', type=int, default=1,
-                        help='server processes sharing the listening socket (default 1)')
+    parser.add_argument('--workers', type=int, default=None,
+                        help='server processes sharing the listening socket (default: '
+                             'one per core on PostgreSQL, one on sqlite)')
     args = parser.parse_args(argv)
-    serve_with_waitress(get_app, args.host, args.port, args.threads, args.workers,
+    config = Config.from_env()
+    try:
+        check_config(config)
+    except ConfigError as e:
+        sys.exit(f'taskfarm-server: {e}')
+    workers = args.workers or config.default_processes
+    serve_with_waitress(get_app, args.host, args.port, args.threads, workers,
                         f'taskfarm {__version__}')
+
+
+def check_config(config: Config) -> None:
+    """Fail before serving, in one line, if the app could not start."""
+    try:
+        store = open_store(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        load_secret(store, config)
+    finally:
+        store.close()   # before forking: each process opens its own connections
 
 
 def serve_with_waitress(make_app: Callable[[], Any], host: str, port: int, threads: int,
@@ -1330,17 +866,11 @@ def serve_with_waitress(make_app: Callable[[], Any], host: str, port: int, threa
     The benchmark serves its bare-Falcon ceiling through this too, so both
     run under the same server settings.
     """
-    import logging
-
     import waitress
-    import waitress.channel
-    import waitress.task
 
     # waitress warns for every request that waits for a thread; under load
     # that is thousands of lines and ~4% of the server's time.
     logging.getLogger('waitress.queue').setLevel(logging.ERROR)
-    waitress.channel.HTTPChannel.task_class = keep_alive_task(waitress.task.WSGITask)
-
     listener = socket.create_server((host, port))
     children, is_child = fork_servers(workers)
     app = make_app()    # after the fork: each process has its own connections
@@ -1348,43 +878,74 @@ def serve_with_waitress(make_app: Callable[[], Any], host: str, port: int, threa
         port = listener.getsockname()[1]    # the real one, when port is 0
         print(f'{label} serving on http://{host}:{port} '
               f'({workers} process(es) x {threads} threads)', flush=True)
+    server = waitress.create_server(
+        app, sockets=[listener], threads=threads, connection_limit=1000,
+        channel_timeout=120, max_request_body_size=WAITRESS_BODY_LIMIT, ident='taskfarm')
+    server.channel_class = taskfarm_channel()
     try:
-        waitress.serve(app, sockets=[listener], threads=threads,
-                       connection_limit=1000, channel_timeout=120,
-                       max_request_body_size=MAX_BODY_BYTES, ident='taskfarm')
+        server.run()
     finally:
         for pid in children:
             os.kill(pid, signal.SIGTERM)
 
 
-def keep_alive_task(base: type) -> type:
-    """waitress's WSGI task, keeping the connection open after a 204.
+# Bodies up to this size reach the app, which answers anything over
+# MAX_BODY_BYTES with its own JSON 413; waitress refuses larger ones itself.
+WAITRESS_BODY_LIMIT = 1024 * 1024
 
-    waitress 3.0.2 closes the connection after any response without a
-    Content-Length, even one that has no body and must not carry one (204,
-    304): every progress PUT would cost a new connection.
+
+def taskfarm_channel() -> type:
+    """waitress's HTTP channel with two changes, for waitress 3.0 (pinned so in
+    pyproject.toml; test_taskfarm.py checks both on a live server):
+
+    - KeepAliveTask keeps the connection open after a 204: waitress closes
+      it after any response without a Content-Length, even one that must
+      have no body (204, 304), so every progress PUT would cost a new
+      connection (30% of a worker cycle).
+    - JsonErrorTask answers the errors that waitress raises itself (a
+      malformed request line, headers too large, a body over its limit) in
+      the API's JSON error shape instead of text/plain.
     """
-    class KeepAliveTask(base):
+    import waitress.channel
+    import waitress.task
+
+    class KeepAliveTask(waitress.task.WSGITask):
         def set_close_on_finish(self) -> None:
             closing = self.request.headers.get('CONNECTION', '').lower() == 'close'
             if self.has_body or self.version != '1.1' or closing:
                 super().set_close_on_finish()
 
-    return KeepAliveTask
+    class JsonErrorTask(waitress.task.ErrorTask):
+        def execute(self) -> None:
+            error = self.request.error
+            body = json.dumps({'title': f'{error.code} {error.reason}',
+                               'description': str(error.body)}).encode()
+            self.status = f'{error.code} {error.reason}'
+            self.response_headers.append(('Content-Type', 'application/json'))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class TaskfarmChannel(waitress.channel.HTTPChannel):
+        task_class = KeepAliveTask
+        error_task_class = JsonErrorTask
+
+    return TaskfarmChannel
 
 
 def fork_servers(count: int) -> tuple[list[int], bool]:
     """Fork count - 1 more server processes: (their pids, whether this is one).
 
-    A child asks the kernel for SIGTERM when its parent dies, so stopping
-    the one command (even with SIGKILL) stops them all.
+    On Linux a child asks the kernel for SIGTERM when its parent dies, so
+    stopping the one command (even with SIGKILL) stops them all.
     """
     children = []
     for _ in range(count - 1):
         pid = os.fork()
         if pid == 0:
-            import ctypes
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if sys.platform.startswith('linux'):
+                import ctypes
+                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
             return [], True
         children.append(pid)
     if children:
@@ -1393,7 +954,4 @@ def fork_servers(count: int) -> tuple[list[int], bool]:
 
 
 if __name__ == '__main__':
-    # Serve from the module `taskfarm`, not `__main__`, so that modules
-    # importing taskfarm (the dashboard) share its classes.
-    import taskfarm
-    taskfarm.serve()
+    serve()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import email.utils
 import getpass
 import http.client
@@ -849,10 +850,8 @@ class WorkPool:
             for task, process in self._running.items():
                 if process.returncode is None:
                     self._signalled.add(task)
-                    try:
-                        os.killpg(process.pid, signum)
-                    except (ProcessLookupError, PermissionError):
-                        pass  # already gone
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(process.pid, signum)  # unless already gone
 
     def _send_heartbeats(self) -> None:
         while not self._finished.wait(self.heartbeat_seconds):
@@ -990,7 +989,7 @@ def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str],
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         out.write('  '.join(cell.ljust(width)
-                            for cell, width in zip(row, widths)).rstrip() + '\n')
+                            for cell, width in zip(row, widths, strict=True)).rstrip() + '\n')
 
 
 # --------------------------------------------------------------------------

@@ -266,7 +266,8 @@ def test_progress_lines_set_percent_completed(live_server, client, spawn, tmp_pa
 
     assert worker.returncode == 0, stderr
     assert client.task_info(run, 0) | {'id': None} == {
-        'id': None, 'task': 0, 'percentCompleted': 100.0, 'status': 'done', 'attempts': 1}
+        'id': None, 'task': 0, 'percentCompleted': 100.0, 'status': 'done', 'attempts': 1,
+        'failures': 0, 'message': None, 'exitCode': None}
 
 
 def test_command_that_cannot_start_puts_the_task_back(live_server, client, tmp_path):
@@ -463,7 +464,7 @@ def test_info_shows_counts_and_a_progress_bar(live_server, client):
 def test_tasks_lists_every_task_with_a_status_filter(live_server, client):
     run = client.create_run(5)['uuid']
     worker = client.register_worker('w1', 'node7', 42)['uuid']
-    for task in range(3):
+    for _ in range(3):
         client.claim_task(run, worker)
     client.update_task(run, 1, 100, 'done')
 

@@ -23,9 +23,7 @@ import pytest
 import webtest
 
 import dashboard
-import taskfarm
-from conftest import LiveServer
-from test_taskfarm import claim, create_run, put_task, register_worker, run_info
+import store
 
 XSS = '<script>alert(1)</script>'
 COUNTS = ('numTasks', 'numDone', 'numComputing', 'numFailed', 'numWaiting')
@@ -76,14 +74,14 @@ def post_form(client: webtest.TestApp, uuid: str, action: str, status: int,
 def started_run(client: webtest.TestApp, num_tasks: int = 10, done: int = 2,
                 computing: int = 2, failed: int = 1, **extra) -> dict:
     """A run with some tasks done, some failed and some still computing."""
-    run = create_run(client, num_tasks, **extra)
-    worker = register_worker(client, 'w-' + run['uuid'][:8])
+    run = client.create_run(num_tasks, **extra)
+    worker = client.register_worker('w-' + run['uuid'][:8])
     for task in range(done + failed + computing):
-        claim(client, run['uuid'], worker)
+        client.claim(run['uuid'], worker)
         if task < done:
-            put_task(client, run['uuid'], task, {'status': 'done', 'percentCompleted': 100})
+            client.put_task(run['uuid'], task, {'status': 'done', 'percentCompleted': 100})
         elif task < done + failed:
-            put_task(client, run['uuid'], task, {'status': 'failed'})
+            client.put_task(run['uuid'], task, {'status': 'failed'})
     return run
 
 
@@ -97,7 +95,7 @@ AGE_TASK = """
 
 def age_task(database_url: str, uuid: str, task: int, seconds: float) -> None:
     """Make a task look silent for `seconds` more, as a lost worker's would."""
-    db = taskfarm.open_database(taskfarm.Config(database_url=database_url))
+    db = store.open_database(database_url)
     try:
         db.execute(AGE_TASK, {'run': uuid, 'task': task, 'seconds': seconds})
     finally:
@@ -142,18 +140,18 @@ def test_pages_forbid_inline_scripts_and_framing(alice):
 
 def test_runs_page_lists_own_runs_newest_first_with_the_api_counts(alice, bob):
     older = started_run(alice, name='older')
-    newer = create_run(alice, 5, name='newer')
-    theirs = create_run(bob, 3, name='bobs')
+    newer = alice.create_run(5, name='newer')
+    theirs = bob.create_run(3, name='bobs')
     page = alice.get('/runs', status=200).text
     assert page.index(newer['uuid']) < page.index(older['uuid'])
     assert theirs['uuid'] not in page and 'bobs' not in page
     for run in (older, newer):
-        assert_page_matches_api(run_row(page, run['uuid']), run_info(alice, run['uuid']))
+        assert_page_matches_api(run_row(page, run['uuid']), alice.run_info(run['uuid']))
     assert fields(run_row(page, older['uuid']))['percentDone'] == '20.0%'
 
 
 def test_admin_sees_every_run_with_its_owner(alice, bob, root):
-    ours, theirs = create_run(alice, 3), create_run(bob, 4)
+    ours, theirs = alice.create_run(3), bob.create_run(4)
     page = root.get('/runs', status=200).text
     assert '<th>Owner</th>' in page
     assert '<td>alice</td>' in run_row(page, ours['uuid'])
@@ -164,18 +162,18 @@ def test_admin_sees_every_run_with_its_owner(alice, bob, root):
 def test_run_page_numbers_and_bar_match_the_api(alice):
     run = started_run(alice, 10, done=3, computing=4, failed=1)
     page = alice.get(f"/runs/{run['uuid']}", status=200).text
-    info = run_info(alice, run['uuid'])
+    info = alice.run_info(run['uuid'])
     assert_page_matches_api(page, info)
     assert numbers(page) == {key: info[key] for key in COUNTS}
     assert sorted(map(int, re.findall(r'<tr data-task="(\d+)">', page))) == [3, 4, 5, 6, 7]
 
 
 def test_run_page_lists_computing_and_failed_tasks_with_their_worker(alice):
-    run = create_run(alice, 5)
-    register_worker(alice, 'w9', hostname='node9', pid=4242)
-    claim(alice, run['uuid'], 'w9')
-    claim(alice, run['uuid'], 'w9')
-    put_task(alice, run['uuid'], 1, {'status': 'failed', 'percentCompleted': 12.5})
+    run = alice.create_run(5)
+    alice.register_worker('w9', hostname='node9', pid=4242)
+    alice.claim(run['uuid'], 'w9')
+    alice.claim(run['uuid'], 'w9')
+    alice.put_task(run['uuid'], 1, {'status': 'failed', 'percentCompleted': 12.5})
     page = alice.get(f"/runs/{run['uuid']}", status=200).text
     computing = re.search(r'<section id="computing">.*?</section>', page).group(0)
     failed = re.search(r'<section id="failed">.*?</section>', page).group(0)
@@ -186,10 +184,10 @@ def test_run_page_lists_computing_and_failed_tasks_with_their_worker(alice):
 
 
 def test_tasks_whose_lease_ran_out_stand_out(alice, db):
-    run = create_run(alice, 5, timeout=30)
-    worker = register_worker(alice)
-    claim(alice, run['uuid'], worker)
-    claim(alice, run['uuid'], worker)
+    run = alice.create_run(5, timeout=30)
+    worker = alice.register_worker()
+    alice.claim(run['uuid'], worker)
+    alice.claim(run['uuid'], worker)
     db.execute(AGE_TASK, {'run': run['uuid'], 'task': 0, 'seconds': 100})
     page = alice.get(f"/runs/{run['uuid']}", status=200).text
     silent = re.search(r'<tr data-task="0" class=stale>.*?</tr>', page).group(0)
@@ -198,10 +196,10 @@ def test_tasks_whose_lease_ran_out_stand_out(alice, db):
 
 
 def test_long_task_lists_are_cut_with_a_count_of_the_rest(alice):
-    run = create_run(alice, dashboard.TASKS_SHOWN + 10)
-    worker = register_worker(alice)
+    run = alice.create_run(dashboard.TASKS_SHOWN + 10)
+    worker = alice.register_worker()
     for _ in range(dashboard.TASKS_SHOWN + 10):
-        claim(alice, run['uuid'], worker)
+        alice.claim(run['uuid'], worker)
     page = alice.get(f"/runs/{run['uuid']}", status=200).text
     assert page.count('<tr data-task=') == dashboard.TASKS_SHOWN
     assert 'and 10 more computing.' in page
@@ -245,10 +243,10 @@ def test_finished_run_says_so(alice):
 
 def test_another_users_run_is_404_on_every_page_and_form(alice, bob, db, config):
     run = started_run(alice)
-    before = run_info(alice, run['uuid'])
+    before = alice.run_info(run['uuid'])
     bob.get(f"/runs/{run['uuid']}", status=404)
     # The token of bob's own run is bound to that run: 403 elsewhere.
-    bobs_run = create_run(bob, 2)
+    bobs_run = bob.create_run(2)
     token = csrf(bob.get(f"/runs/{bobs_run['uuid']}").text)
     post_form(bob, run['uuid'], 'restart', 403, csrf=token, all='true', confirmed='yes')
     # A token as bob's page would carry for alice's run: still not his run.
@@ -257,13 +255,13 @@ def test_another_users_run_is_404_on_every_page_and_form(alice, bob, db, config)
                                  run['uuid'])
     for action in ('restart', 'delete'):
         post_form(bob, run['uuid'], action, 404, csrf=token, all='true', confirmed='yes')
-    assert run_info(alice, run['uuid']) == before
+    assert alice.run_info(run['uuid']) == before
 
 
 def test_run_names_and_host_names_show_as_text(alice):
-    run = create_run(alice, 4, name=XSS)
-    register_worker(alice, 'w-xss', hostname='<img src=x onerror=alert(2)>')
-    claim(alice, run['uuid'], 'w-xss')
+    run = alice.create_run(4, name=XSS)
+    alice.register_worker('w-xss', hostname='<img src=x onerror=alert(2)>')
+    alice.claim(run['uuid'], 'w-xss')
     escaped = '&lt;script&gt;alert(1)&lt;/script&gt;'
     listing = alice.get('/runs', status=200).text
     detail = alice.get(f"/runs/{run['uuid']}", status=200).text
@@ -276,22 +274,22 @@ def test_run_names_and_host_names_show_as_text(alice):
 @pytest.mark.parametrize('token', [None, '', 'f' * 64, 'not-hex'])
 def test_form_without_a_valid_csrf_token_is_403(alice, token):
     run = started_run(alice)
-    before = run_info(alice, run['uuid'])
+    before = alice.run_info(run['uuid'])
     form = {'all': 'true', 'confirmed': 'yes'}
     if token is not None:
         form['csrf'] = token
     for action in ('restart', 'delete'):
         resp = post_form(alice, run['uuid'], action, 403, **form)
         assert resp.json['title'] == 'Invalid form token'
-    assert run_info(alice, run['uuid']) == before
+    assert alice.run_info(run['uuid']) == before
 
 
 def test_csrf_token_of_one_run_does_not_work_for_another(alice):
     run, other = started_run(alice), started_run(alice)
-    before = run_info(alice, other['uuid'])
+    before = alice.run_info(other['uuid'])
     token = csrf(alice.get(f"/runs/{run['uuid']}").text)
     post_form(alice, other['uuid'], 'delete', 403, csrf=token, confirmed='yes')
-    assert run_info(alice, other['uuid']) == before
+    assert alice.run_info(other['uuid']) == before
 
 
 def test_malformed_forms_are_4xx(alice):
@@ -315,7 +313,7 @@ def test_restart_unfinished_form_restarts_and_goes_back_to_the_run(alice):
     resp = post_form(alice, run['uuid'], 'restart', 303, csrf=token, all='false',
                      confirmed='yes')
     assert resp.headers['Location'].endswith(f"/runs/{run['uuid']}")
-    info = run_info(alice, run['uuid'])
+    info = alice.run_info(run['uuid'])
     assert (info['numDone'], info['numComputing'], info['numFailed']) == (2, 0, 0)
     assert_page_matches_api(resp.follow().text, info)
 
@@ -324,7 +322,7 @@ def test_restart_all_form_restarts_every_task(alice):
     run = started_run(alice, 10, done=2, computing=2, failed=1)
     token = csrf(alice.get(f"/runs/{run['uuid']}").text)
     post_form(alice, run['uuid'], 'restart', 303, csrf=token, all='true', confirmed='yes')
-    info = run_info(alice, run['uuid'])
+    info = alice.run_info(run['uuid'])
     assert (info['numWaiting'], info['percentDone']) == (10, 0.0)
 
 
@@ -340,13 +338,13 @@ def test_delete_form_deletes_the_run_and_goes_back_to_the_list(alice):
 def test_unconfirmed_form_asks_first_and_changes_nothing(alice):
     """Without JavaScript there is no confirm() dialog: the server asks."""
     run = started_run(alice)
-    before = run_info(alice, run['uuid'])
+    before = alice.run_info(run['uuid'])
     token = csrf(alice.get(f"/runs/{run['uuid']}").text)
     asking = post_form(alice, run['uuid'], 'restart', 200, csrf=token, all='true')
     assert 'Restart ALL tasks' in asking.text
-    assert run_info(alice, run['uuid']) == before
+    assert alice.run_info(run['uuid']) == before
     resp = asking.forms[0].submit(status=303)
-    assert run_info(alice, run['uuid'])['numWaiting'] == 10
+    assert alice.run_info(run['uuid'])['numWaiting'] == 10
     assert resp.headers['Location'].endswith(f"/runs/{run['uuid']}")
 
 
@@ -383,18 +381,19 @@ INSERT_TASKS = """
 """
 SUM_RUN_STATS = """
     UPDATE run_stats SET
-        computing = c.computing, done = c.done, failed = c.failed, percent = c.percent
+        computing = c.computing, done = c.done, failed = c.failed,
+        micropercent = c.micropercent
     FROM (SELECT task % 8 AS slot,
                  sum(CASE WHEN status = 'computing' THEN 1 ELSE 0 END) AS computing,
                  sum(CASE WHEN status = 'done' THEN 1 ELSE 0 END) AS done,
                  sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed,
-                 sum(percent) AS percent
+                 sum(CAST(round(percent * 1000000) AS bigint)) AS micropercent
           FROM tasks WHERE run_id = :run_id GROUP BY task % 8) c
     WHERE run_stats.run_id = :run_id AND run_stats.slot = c.slot
 """
 
 
-def fill_run(db: taskfarm.Database, run_id: int, count: int, computing: int,
+def fill_run(db: store.Database, run_id: int, count: int, computing: int,
              worker_ids: list[int]) -> None:
     """Hand out all `count` tasks of the run, as INSERT_TASKS says, at once."""
     assert worker_ids == list(range(worker_ids[0], worker_ids[0] + len(worker_ids)))
@@ -411,7 +410,7 @@ def fill_run(db: taskfarm.Database, run_id: int, count: int, computing: int,
             tx.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_inserted")
         else:
             tx.execute(fill, params)
-        tx.execute(taskfarm.ADVANCE_FRONTIER, params)
+        tx.execute(store.ADVANCE_FRONTIER, params)
         tx.execute('UPDATE runs SET created = :now - 7200 WHERE id = :run_id', params)
     if db.dialect == 'postgresql':
         db.execute('ANALYZE tasks')     # as autovacuum would; sqlite never does
@@ -420,11 +419,11 @@ def fill_run(db: taskfarm.Database, run_id: int, count: int, computing: int,
 def test_run_page_renders_a_run_with_many_tasks(alice, db):
     count = int(os.environ.get('TASKFARM_RENDER_TASKS', '20000'))
     computing = min(1000, count // 100)
-    run = create_run(alice, count)
-    workers = [register_worker(alice, f'fill-{i}', hostname=f'node{i}') for i in range(20)]
+    run = alice.create_run(count)
+    workers = [alice.register_worker(f'fill-{i}', hostname=f'node{i}') for i in range(20)]
     ids = [row['id'] for row in db.all('SELECT id FROM workers ORDER BY id')]
     fill_run(db, run['id'], count, computing, ids)
-    info = run_info(alice, run['uuid'])
+    info = alice.run_info(run['uuid'])
     assert info['numComputing'] == computing and info['numWaiting'] == 0
     timings = []
     for _ in range(21):
@@ -456,7 +455,7 @@ PAGE_DEADLINE = 30.0        # seconds: several refreshes of REFRESH_SECONDS
 class Api:
     """The JSON API of a live server, as a worker or the run's owner calls it."""
 
-    def __init__(self, server: LiveServer) -> None:
+    def __init__(self, server) -> None:     # a conftest LiveServer
         self.url = server.url
         credentials = f'{server.user}:{server.password}'.encode()
         self.auth = 'Basic ' + base64.b64encode(credentials).decode()

@@ -39,18 +39,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import admin
+import store
 import taskfarm
-from conftest import (
-    BACKENDS,
-    HERE,
-    PASSWORDS,
-    SECRET,
-    LiveServer,
-    empty_database_url,
-    seed,
-    seeded,
-    start_server,
-)
+
+REPO = Path(__file__).resolve().parent
 
 HTTP_TIMEOUT = 10           # seconds, on every HTTP call to a live server
 LOAD_WORKERS = 32
@@ -74,9 +66,9 @@ class Reply(NamedTuple):
 class Api:
     """Calls /api/* on one keep-alive connection, as one user (or token)."""
 
-    def __init__(self, url: str, user: str = 'alice', password: str | None = None) -> None:
+    def __init__(self, url: str, user: str, password: str) -> None:
         self.user = user
-        self.password = PASSWORDS[user] if password is None else password
+        self.password = password
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port
         credentials = f'{user}:{self.password}'.encode()
@@ -110,11 +102,16 @@ class Api:
             self.conn = None
 
 
-def token_api(url: str, user: str = 'alice') -> Api:
+def server_api(server: Any) -> Api:
+    """A client of a live server (conftest's LiveServer), as its user."""
+    return Api(server.url, server.user, server.password)
+
+
+def token_api(server: Any) -> Api:
     """A client that authenticates with a token, as a long-running worker would."""
-    reply = Api(url, user).call('GET', 'token')
+    reply = server_api(server).call('GET', 'token')
     assert reply.status == 200, reply
-    return Api(url, user=reply.body['token'], password='')
+    return Api(server.url, user=reply.body['token'], password='')
 
 
 def create_run(api: Api, num_tasks: int, **extra: Any) -> str:
@@ -302,7 +299,7 @@ def assert_each_handed_out_once(handed_out: list[int], expected: set[int]) -> No
 def test_handout_gives_each_task_to_one_worker_across_two_servers(database_url, servers):
     num_tasks = 3000 if is_postgresql(database_url) else 1500
     pair = [servers(), servers()]
-    api = token_api(pair[0].url)
+    api = token_api(pair[0])
     run = create_run(api, num_tasks)
     tally = Tally()
 
@@ -352,7 +349,7 @@ def read_line(process: subprocess.Popen, seconds: float) -> str:
 
 def test_task_of_a_killed_worker_process_is_handed_out_again_after_its_lease(servers):
     server = servers()
-    api = token_api(server.url)
+    api = token_api(server)
     num_tasks, lease = 4, 1
     run = create_run(api, num_tasks, timeout=lease)
     started = time.monotonic()
@@ -386,7 +383,7 @@ def test_task_of_a_killed_worker_process_is_handed_out_again_after_its_lease(ser
 
 
 def test_heartbeat_keeps_a_task_while_a_silent_workers_task_is_taken_back(servers):
-    api = token_api(servers().url)
+    api = token_api(servers())
     lease = 2
     run = create_run(api, 2, timeout=lease)
     beating, silent, thief = register_worker(api), register_worker(api), register_worker(api)
@@ -412,13 +409,14 @@ def test_heartbeat_keeps_a_task_while_a_silent_workers_task_is_taken_back(server
     keep_doing(beat_and_try_to_take, lease + 0.5)
     assert len(taken) == 1
     assert task_info(api, run, 0) == {'id': kept['id'], 'task': 0, 'percentCompleted': 0.0,
-                                      'status': 'computing', 'attempts': 1}
+                                      'status': 'computing', 'attempts': 1, 'failures': 0,
+                                      'message': None, 'exitCode': None}
     finish(api, run, 0)
     assert_run_complete(api, run, 2)
 
 
 def test_task_whose_lease_ran_out_max_attempts_times_becomes_failed(servers):
-    api = token_api(servers().url)
+    api = token_api(servers())
     run = create_run(api, 1, timeout=1, maxAttempts=2)
     first, second, third = register_worker(api), register_worker(api), register_worker(api)
     assert claim(api, run, first).body['attempts'] == 1
@@ -450,7 +448,7 @@ def test_task_whose_lease_ran_out_max_attempts_times_becomes_failed(servers):
 def test_server_killed_under_load_loses_no_task_and_gives_none_twice(database_url, servers):
     num_tasks = 1000 if is_postgresql(database_url) else 600
     alive = [servers()]
-    api = token_api(alive[0].url)
+    api = token_api(alive[0])
     run = create_run(api, num_tasks)
     tally = Tally()
 
@@ -503,7 +501,7 @@ print("released", flush=True)
 def test_run_deleted_while_workers_take_its_tasks_is_gone_without_a_5xx(database_url, servers):
     """A delete races 32 workers claiming tasks: 204, and they see 201 or 404."""
     server = servers(workers=2)
-    owner = token_api(server.url)
+    owner = token_api(server)
     run = create_run(owner, 10**6)
     seen: list[int] = []
     started = threading.Event()
@@ -532,25 +530,6 @@ def test_run_deleted_while_workers_take_its_tasks_is_gone_without_a_5xx(database
     assert set(seen) <= {201, 204, 404}, sorted(set(seen))
     assert seen.count(404) == 32
     assert owner.call('GET', f'runs/{run}').status == 404
-
-
-@pytest.fixture
-def sqlite_database_url(tmp_path: Path, password_hashes: dict[str, str]) -> str:
-    return seeded(f'sqlite:///{tmp_path / "taskfarm.db"}', password_hashes)
-
-
-@pytest.fixture
-def launch() -> Iterator[Callable[..., LiveServer]]:
-    """start_server on any database; every server stopped at the end."""
-    started: list[LiveServer] = []
-
-    def start(database_url: str, **kwargs: Any) -> LiveServer:
-        started.append(start_server(database_url, **kwargs))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def writes(run: str, worker: str) -> list[tuple[str, str, Any]]:
@@ -585,11 +564,11 @@ def timed_call(api: Api, method: str, path: str, body: Any) -> tuple[Reply, floa
     return reply, time.monotonic() - started
 
 
-def call_all_at_once(url: str, requests: list[tuple[str, str, Any]]
+def call_all_at_once(server: Any, requests: list[tuple[str, str, Any]]
                      ) -> list[tuple[str, Reply, float]]:
     """Each request on its own connection, all at the same time: (what, reply, seconds)."""
     def send(request: tuple[str, str, Any]) -> tuple[str, Reply, float]:
-        return (f'{request[0]} {request[1]}', *timed_call(Api(url), *request))
+        return (f'{request[0]} {request[1]}', *timed_call(server_api(server), *request))
 
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:
         return list(pool.map(send, requests))
@@ -598,7 +577,7 @@ def call_all_at_once(url: str, requests: list[tuple[str, str, Any]]
 def test_locked_sqlite_database_answers_503_after_the_busy_timeout(sqlite_database_url, launch):
     busy_timeout = 1
     server = launch(sqlite_database_url, env={'TASKFARM_DB_TIMEOUT': str(busy_timeout)})
-    api = Api(server.url)
+    api = server_api(server)
     run = create_run(api, 5)
     worker = register_worker(api)
     assert claim(api, run, worker).status == 201
@@ -610,7 +589,7 @@ def test_locked_sqlite_database_answers_503_after_the_busy_timeout(sqlite_databa
         assert read_line(locker, seconds=20) == 'locked\n'
         # All writes at once, each on its own connection: each waits out the
         # busy timeout, then answers 503; none hangs, none is a 500.
-        for what, reply, elapsed in call_all_at_once(server.url, writes(run, worker)):
+        for what, reply, elapsed in call_all_at_once(server, writes(run, worker)):
             assert_unavailable(reply, what)
             assert 0.8 * busy_timeout <= elapsed < 4 * busy_timeout + 2, (what, elapsed)
         # Readers do not wait for a writer (the database is in WAL mode).
@@ -688,7 +667,7 @@ def cluster_owner() -> tuple[list[str], int, int]:
 
 
 @pytest.fixture
-def throwaway_postgres(password_hashes: dict[str, str]) -> Iterator[ThrowawayPostgres]:
+def throwaway_postgres(seed_database) -> Iterator[ThrowawayPostgres]:
     initdb = postgres_program('initdb')
     if initdb is None or postgres_program('pg_ctl') is None:
         pytest.skip('no initdb/pg_ctl: the PostgreSQL server programs are not installed')
@@ -700,11 +679,7 @@ def throwaway_postgres(password_hashes: dict[str, str]) -> Iterator[ThrowawayPos
         run_checked([*as_owner, initdb, '-D', f'{directory}/data', '-U', 'root',
                      '--auth=trust', '--no-sync', '-E', 'UTF8'], cwd=directory)
         cluster.start()
-        db = taskfarm.open_database(taskfarm.Config(database_url=cluster.url))
-        try:
-            seed(db, password_hashes)
-        finally:
-            db.close()
+        seed_database(cluster.url)
         yield cluster
     finally:
         subprocess.run([*as_owner, postgres_program('pg_ctl'), '-D', f'{directory}/data',
@@ -720,7 +695,7 @@ def test_database_outage_answers_503_and_the_server_recovers_by_itself(
         'TASKFARM_DB_TIMEOUT': '1',
         'TASKFARM_AUTH_CACHE_SECONDS': '0',     # so that every /api request needs the database
     })
-    api = Api(server.url)
+    api = server_api(server)
     run = create_run(api, 5)
     worker = register_worker(api)
     assert claim(api, run, worker).body['task'] == 0
@@ -730,7 +705,7 @@ def test_database_outage_answers_503_and_the_server_recovers_by_itself(
     # then every route at once, twice (the pool failing to reconnect).
     assert_unavailable(api.call('GET', f'runs/{run}'), 'the open connection')
     for _ in range(2):
-        for what, reply, elapsed in call_all_at_once(server.url, reads(run) + writes(run, worker)):
+        for what, reply, elapsed in call_all_at_once(server, reads(run) + writes(run, worker)):
             assert_unavailable(reply, what)
             assert elapsed < 5, (what, elapsed)
     assert_unavailable(api.call('POST', f'runs/{run}/task', {'worker_uuid': worker}),
@@ -939,9 +914,9 @@ def test_arbitrary_input_on_every_route_never_gets_a_5xx_nor_breaks_the_counts(
 
 
 @pytest.fixture
-def strict_app(db: taskfarm.Database, config: taskfarm.Config):
+def strict_app(tf_store: store.Store, config: taskfarm.Config):
     """No auth cache: a revoked token or user stops working at once."""
-    return taskfarm.create_app(db, dataclasses.replace(config, auth_cache_seconds=0))
+    return taskfarm.create_app(tf_store, dataclasses.replace(config, auth_cache_seconds=0))
 
 
 def client_as(app: Any, user: str, password: str = '') -> webtest.TestApp:
@@ -961,7 +936,7 @@ def assert_accepted(client: webtest.TestApp) -> None:
     assert client.get('/api/runs').status_int == 200
 
 
-def user_row(db: taskfarm.Database, name: str) -> dict:
+def user_row(db: store.Database, name: str) -> dict:
     return db.one('SELECT id, token_stamp FROM users WHERE username = :name', {'name': name})
 
 
@@ -969,8 +944,8 @@ def token_of(app: Any, user: str, password: str) -> str:
     return client_as(app, user, password).get('/api/token').json['token']
 
 
-def test_tampered_tokens_get_401(strict_app, db):
-    token = token_of(strict_app, 'alice', PASSWORDS['alice'])
+def test_tampered_tokens_get_401(strict_app, db, passwords):
+    token = token_of(strict_app, 'alice', passwords['alice'])
     assert_accepted(client_as(strict_app, token))
     payload, _, signature = token.rpartition('.')
     version, user_id, expires, stamp = payload.split('.')
@@ -989,10 +964,11 @@ def test_tampered_tokens_get_401(strict_app, db):
         assert_refused(client_as(strict_app, forged), why)
 
 
-def test_expired_token_gets_401(strict_app, db):
+def test_expired_token_gets_401(strict_app, db, config):
     alice = user_row(db, 'alice')
-    assert_accepted(client_as(strict_app, taskfarm.issue_token(SECRET.encode(), alice, 60)))
-    expired = taskfarm.issue_token(SECRET.encode(), alice, -1)
+    secret = config.secret.encode()
+    assert_accepted(client_as(strict_app, taskfarm.issue_token(secret, alice, 60)))
+    expired = taskfarm.issue_token(secret, alice, -1)
     assert_refused(client_as(strict_app, expired), 'expired a second ago')
 
 
@@ -1007,14 +983,15 @@ def test_token_and_password_of_a_deleted_user_get_401(strict_app, database_url, 
     assert_refused(client_as(strict_app, 'carol', 'carol-pw'), 'password of a deleted user')
 
 
-def test_token_issued_before_a_password_change_gets_401(strict_app, database_url, monkeypatch):
-    token = token_of(strict_app, 'alice', PASSWORDS['alice'])
+def test_token_issued_before_a_password_change_gets_401(strict_app, database_url, monkeypatch,
+                                                        passwords):
+    token = token_of(strict_app, 'alice', passwords['alice'])
     assert_accepted(client_as(strict_app, token))
 
     monkeypatch.setenv('DATABASE_URL', database_url)
     admin.main(['passwd', 'alice', '--password', 'new-pw'])
     assert_refused(client_as(strict_app, token), 'token from before the change')
-    assert_refused(client_as(strict_app, 'alice', PASSWORDS['alice']), 'old password')
+    assert_refused(client_as(strict_app, 'alice', passwords['alice']), 'old password')
     assert_accepted(client_as(strict_app, 'alice', 'new-pw'))
     assert_accepted(client_as(strict_app, token_of(strict_app, 'alice', 'new-pw')))
 
@@ -1057,26 +1034,20 @@ def test_user_cannot_touch_another_users_run_or_worker_but_admin_sees_them(alice
     assert {'alice-w', 'bob-w'} <= {w['uuid'] for w in root.get('/api/workers').json['data']}
 
 
-@pytest.fixture(params=BACKENDS)
-def uninitialised_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """sqlite: a new file without tables; PostgreSQL: tables but no stored secret."""
-    return empty_database_url(request.param, tmp_path, request)
-
-
 def test_server_refuses_to_start_without_a_secret(uninitialised_database_url):
     env = {key: value for key, value in os.environ.items() if key != 'TASKFARM_SECRET'}
     env['DATABASE_URL'] = uninitialised_database_url
-    done = subprocess.run([sys.executable, str(HERE / 'taskfarm.py'), '--host', '127.0.0.1',
+    done = subprocess.run([sys.executable, str(REPO / 'taskfarm.py'), '--host', '127.0.0.1',
                            '--port', '0'], env=env, capture_output=True, text=True, timeout=30,
                           check=False)
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert 'init-db' in done.stderr, done.stderr
-    assert 'Traceback' not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr    # one clear line
 
     config = taskfarm.Config(database_url=uninitialised_database_url, secret=None)
-    db = taskfarm.open_database(config)
+    tf = taskfarm.open_store(config)
     try:
-        with pytest.raises(SystemExit, match='init-db'):
-            taskfarm.create_app(db, config)
+        with pytest.raises(taskfarm.ConfigError, match='init-db'):
+            taskfarm.create_app(tf, config)
     finally:
-        db.close()
+        tf.close()

@@ -1,0 +1,1437 @@
+"""The store: every SQL statement of the Taskfarm server, one method each.
+
+The API (taskfarm.py) and the dashboard (dashboard.py) call a `Store` and
+never write SQL, touch a driver or ask which database it is. Each method
+sits right below its SQL; where PostgreSQL and sqlite differ, both
+versions stand side by side in a `Dialects`. Every statement on an owned
+row (a run, a worker) carries the owner rule, `owned()`, so one grep shows
+who may touch what. The store raises domain errors (`RunNotFound`, ...)
+that the app maps to HTTP answers in one place.
+
+Layout, top-down: limits and domain errors, the database object (psycopg 3
+and its pool, or sqlite3), the owner rule, then the `Store`: users, runs,
+the hand-out, task updates, tasks, workers, and the dashboard's queries.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import random
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar('T')
+
+MAX_INT = 2**31 - 1
+STATUSES = ('waiting', 'computing', 'done', 'failed')
+UUID_RE = re.compile(r'[0-9a-f]{32}')
+UNPAIRED_SURROGATE_RE = re.compile(r'[\ud800-\udfff]')
+
+# Fresh task numbers come from a run's 8 frontier rows: row s hands out
+# s, s + 8, s + 16, ... so that up to 8 hand-outs of one run never wait on
+# each other (schema.sql).
+FRONTIER_SHARDS = 8
+CLAIM_ROUNDS = 100          # a hand-out that keeps stepping over tasks gives up here
+RECONNECT_PAUSE = (0.05, 0.5)   # first and longest pause between reconnects, seconds
+
+
+# ---------------------------------------------------------------------------
+# Domain errors: what went wrong, in words a user can act on. The app maps
+# each to its HTTP answer once (create_app).
+
+
+class StoreError(Exception):
+    """A request the store refuses."""
+
+
+class RunNotFound(StoreError):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f'No run {uuid[:64]!r}.')
+
+
+class WorkerNotFound(StoreError):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f'No worker {uuid[:64]!r} of yours; register it with POST /api/worker.')
+
+
+class TaskNotFound(StoreError):
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(f'Task numbers of this run go from 0 to {num_tasks - 1}.')
+
+
+class TaskNotHeld(StoreError):
+    def __init__(self, worker: str, task: int) -> None:
+        super().__init__(f'Worker {worker[:64]!r} does not hold task {task}: its lease ran '
+                         'out, another worker took it over, or the run was restarted.')
+
+
+class WorkerTaken(StoreError):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f'Worker {uuid[:64]!r} is registered with another hostname, pid '
+                         'or user; use a new uuid.')
+
+
+class InputsNotExpected(StoreError):
+    """Inputs sent for tasks outside the run, or to a run without inputs."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot answer now (down, locked, or out of connections)."""
+
+
+# ---------------------------------------------------------------------------
+# The database: one small object over PostgreSQL (psycopg 3 and its pool) or
+# sqlite3 (a connection per thread). Only the store uses it.
+
+
+class Dialects(NamedTuple):
+    postgresql: str
+    sqlite: str
+
+
+def to_pyformat(sql: str) -> str:
+    """`:name` placeholders to psycopg's `%(name)s` (and `%` to `%%`)."""
+    sql = sql.replace('%', '%%')
+    return re.sub(r'(?<![:\w]):([A-Za-z_]\w*)', r'%(\1)s', sql)
+
+
+class Transaction:
+    """Statements on one connection; inside `Database.run` they commit together.
+
+    `retrying` is true when the database lost the connection during an
+    earlier try of the same work, whose outcome is therefore unknown.
+    """
+
+    def __init__(self, db: Database, conn: Any, retrying: bool = False) -> None:
+        self.db = db
+        self.conn = conn
+        self.retrying = retrying
+
+    def _run(self, sql: str | Dialects, params: dict | None) -> Any:
+        return self.db.run_on(self.conn, self.db.pick(sql), params or {})
+
+    def one(self, sql: str | Dialects, params: dict | None = None) -> dict | None:
+        return self._run(sql, params).fetchone()
+
+    def all(self, sql: str | Dialects, params: dict | None = None) -> list[dict]:
+        return self._run(sql, params).fetchall()
+
+    def execute(self, sql: str | Dialects, params: dict | None = None) -> int:
+        return self._run(sql, params).rowcount
+
+
+class Database:
+    """What every backend offers: run(work), one(), all(), execute(), transaction()."""
+
+    dialect: str
+    Error: type[Exception]      # the driver's base error
+
+    def pick(self, sql: str | Dialects) -> str:
+        return getattr(sql, self.dialect) if isinstance(sql, Dialects) else sql
+
+    def run(self, work: Callable[[Transaction], T], atomic: bool = True) -> T:
+        """work(tx), committed as one transaction (or statement by statement)."""
+        with self.transaction(atomic) as tx:
+            return work(tx)
+
+    def one(self, sql: str | Dialects, params: dict | None = None) -> dict | None:
+        return self.run(lambda tx: tx.one(sql, params), atomic=False)
+
+    def all(self, sql: str | Dialects, params: dict | None = None) -> list[dict]:
+        return self.run(lambda tx: tx.all(sql, params), atomic=False)
+
+    def execute(self, sql: str | Dialects, params: dict | None = None) -> int:
+        return self.run(lambda tx: tx.execute(sql, params), atomic=False)
+
+    def run_on(self, conn: Any, sql: str, params: dict) -> Any:
+        raise NotImplementedError
+
+    def script(self, sql: str) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
+        raise NotImplementedError
+        yield
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def dict_factory(cursor: sqlite3.Cursor, row: tuple) -> dict:
+    return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}
+
+
+class SqliteDatabase(Database):
+    dialect = 'sqlite'
+    Error = sqlite3.Error
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.local = threading.local()
+        # sqlite has one writer at a time, and its busy handler waits by
+        # sleeping in steps of up to 100 ms. Threads of this process take
+        # turns on a lock instead, which wakes the next one at once; only
+        # other processes meet the busy handler.
+        self.turn = threading.Lock()
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self.local, 'conn', None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.timeout,
+                                   isolation_level=None, check_same_thread=False)
+            conn.row_factory = dict_factory
+            conn.execute('PRAGMA foreign_keys = ON')
+            conn.execute('PRAGMA journal_mode = WAL')
+            self.local.conn = conn
+        return conn
+
+    def run_on(self, conn: sqlite3.Connection, sql: str, params: dict) -> Any:
+        try:
+            return conn.execute(sql, params)
+        except sqlite3.OperationalError as e:
+            if 'locked' in str(e) or 'busy' in str(e):
+                raise DatabaseUnavailable(str(e)) from e
+            raise
+
+    @contextmanager
+    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
+        conn = self.connection()
+        if not self.turn.acquire(timeout=self.timeout):
+            raise DatabaseUnavailable('sqlite is busy')
+        try:
+            if not atomic:
+                yield Transaction(self, conn)
+                return
+            self.run_on(conn, 'BEGIN IMMEDIATE', {})
+            try:
+                yield Transaction(self, conn)
+            except BaseException:
+                conn.execute('ROLLBACK')
+                raise
+            self.run_on(conn, 'COMMIT', {})
+        finally:
+            self.turn.release()
+
+    def script(self, sql: str) -> None:
+        self.connection().executescript(sql)
+
+    def close(self) -> None:
+        conn = getattr(self.local, 'conn', None)
+        if conn is not None:
+            conn.close()
+            self.local.conn = None
+
+
+class PostgresDatabase(Database):
+    """PostgreSQL through a psycopg pool, riding out short outages.
+
+    When the connection fails before the outcome of a piece of work is
+    known (PostgreSQL restarted, a failover, a dropped connection), `run`
+    reconnects and runs the work again, for up to `timeout` seconds, before
+    giving up with DatabaseUnavailable (a 503). The work learns from
+    `tx.retrying` that its first try may have committed. A transaction that
+    lost a deadlock was rolled back whole and runs again at once.
+    """
+
+    dialect = 'postgresql'
+
+    def __init__(self, url: str, timeout: float, pool_size: int) -> None:
+        import psycopg
+        import psycopg_pool
+        from psycopg.rows import dict_row
+
+        self.psycopg = psycopg
+        self.Error = psycopg.Error
+        self.pool_timeout_error = psycopg_pool.PoolTimeout
+        self.timeout = timeout
+        self.pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=pool_size, timeout=timeout, open=True,
+            # Every statement here looks rows up by key: plan it once per
+            # connection, not on each call (custom plans cost ~0.4 ms).
+            kwargs={'autocommit': True, 'row_factory': dict_row,
+                    'connect_timeout': max(1, int(timeout)),
+                    'options': '-c plan_cache_mode=force_generic_plan'},
+            name='taskfarm')
+        self.converted: dict[str, str] = {}
+
+    def run(self, work: Callable[[Transaction], T], atomic: bool = True) -> T:
+        deadline = time.monotonic() + self.timeout
+        pause, longest = RECONNECT_PAUSE
+        retrying, deadlocks = False, 0
+        while True:
+            try:
+                return self.try_once(work, atomic, retrying, deadline)
+            except self.pool_timeout_error as e:
+                raise DatabaseUnavailable(str(e)) from e
+            except self.psycopg.errors.TransactionRollback as e:
+                deadlocks += 1      # rolled back whole: nothing to be unsure of
+                if deadlocks == 3:
+                    raise DatabaseUnavailable(str(e)) from e
+                continue
+            except self.psycopg.OperationalError as e:
+                # Dead connections go back to the pool marked bad; drop idle
+                # ones too, so that the next try gets a live one.
+                self.pool.check()
+                if time.monotonic() + pause > deadline:
+                    raise DatabaseUnavailable(str(e)) from e
+                time.sleep(pause)
+                pause = min(longest, pause * 2)
+                retrying = True
+
+    def try_once(self, work: Callable[[Transaction], T], atomic: bool, retrying: bool,
+                 deadline: float) -> T:
+        wait = max(0.1, deadline - time.monotonic())
+        with self.pool.connection(timeout=wait) as conn:
+            tx = Transaction(self, conn, retrying)
+            if not atomic:
+                return work(tx)
+            with conn.transaction():
+                return work(tx)
+
+    def run_on(self, conn: Any, sql: str, params: dict) -> Any:
+        query = self.converted.get(sql)
+        if query is None:
+            query = self.converted[sql] = to_pyformat(sql)
+        return conn.execute(query, params)
+
+    @contextmanager
+    def transaction(self, atomic: bool = True) -> Iterator[Transaction]:
+        """One transaction, not retried (for tools and tests)."""
+        with self.pool.connection() as conn:
+            if atomic:
+                with conn.transaction():
+                    yield Transaction(self, conn)
+            else:
+                yield Transaction(self, conn)
+
+    def script(self, sql: str) -> None:
+        with self.pool.connection() as conn:
+            conn.execute(sql)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def open_database(url: str, timeout: float = 5.0, pool_size: int = 10) -> Database:
+    if url.startswith('sqlite:///'):
+        return SqliteDatabase(url[len('sqlite:///'):], timeout)
+    if url.startswith(('postgresql://', 'postgres://')):
+        return PostgresDatabase(url, timeout, pool_size)
+    raise ValueError(f'DATABASE_URL must start with sqlite:/// or postgresql://, not {url!r}')
+
+
+def schema_for(dialect: str) -> str:
+    """The section of schema.sql for one dialect.
+
+    schema.sql sits beside this module in a checkout (and an editable
+    install); a plain `pip install` puts it in <prefix>/share/taskfarm.
+    """
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'schema.sql')
+    installed = os.path.join(sys.prefix, 'share', 'taskfarm', 'schema.sql')
+    with open(here if os.path.exists(here) else installed, encoding='utf-8') as f:
+        text = f.read()
+    sections = re.split(r'^-- @(\w+)\s*$', text, flags=re.MULTILINE)
+    return dict(zip(sections[1::2], sections[2::2], strict=True))[dialect]
+
+
+# ---------------------------------------------------------------------------
+# The owner rule, and who is asking.
+
+
+def owned(table: str) -> str:
+    """The owner rule: the caller's own rows of `table` (an alias), or any row for an admin."""
+    return f'({table}.owner_id = :user_id OR :is_admin)'
+
+
+class Owner(NamedTuple):
+    """Who is asking: every owned statement takes these two parameters."""
+
+    user_id: int
+    is_admin: bool
+
+    @classmethod
+    def of(cls, user: dict) -> Owner:
+        return cls(user['id'], bool(user['is_admin']))
+
+    def params(self, **more: Any) -> dict:
+        return {'user_id': self.user_id, 'is_admin': self.is_admin, **more}
+
+
+def valid_text(value: str, max_length: int) -> bool:
+    """Text both databases can store: no NUL, no lone surrogate, not too long."""
+    return (len(value) <= max_length and '\0' not in value
+            and not UNPAIRED_SURROGATE_RE.search(value))
+
+
+def check_run_uuid(uuid: str) -> None:
+    if not UUID_RE.fullmatch(uuid):
+        raise RunNotFound(uuid)
+
+
+def check_worker_uuid(uuid: str) -> None:
+    if not (1 <= len(uuid) <= 64 and valid_text(uuid, 64)):
+        raise WorkerNotFound(uuid)
+
+
+def percent_done(micropercent: int, num_tasks: int) -> float:
+    """The run's percentDone from its exact sum of millionths of a percent.
+
+    Integers carry no float dust, so no rounding hides the progress of a
+    run of 10^9 tasks (one task done: 1e-07).
+    """
+    return min(100.0, max(0.0, micropercent / (num_tasks * 1_000_000)))
+
+
+def run_status(row: dict) -> dict:
+    """A run's status from its row and summed counts, with the API's names."""
+    num_tasks = row['num_tasks']
+    busy = row['computing'] + row['done'] + row['failed']
+    return {'id': row['id'], 'uuid': row['uuid'], 'numTasks': num_tasks, 'name': row['name'],
+            'timeout': row['timeout'], 'maxAttempts': row['max_attempts'],
+            'retries': row['retries'], 'maxFailures': row['max_failures'],
+            'stopped': bool(row['stopped']),
+            'percentDone': percent_done(row['micropercent'], num_tasks),
+            'numWaiting': num_tasks - busy, 'numComputing': row['computing'],
+            'numDone': row['done'], 'numFailed': row['failed']}
+
+
+@dataclass(frozen=True)
+class Update:
+    """A change to one task: a PUT's body, or one item of a batch report."""
+
+    task: int
+    percent: float | None = None
+    status: str | None = None
+    message: str | None = None
+    exit_code: int | None = None
+    final: bool = False
+
+    def row(self) -> dict:
+        return {'n': self.task, 'percent': self.percent, 'status': self.status,
+                'message': self.message, 'exit_code': self.exit_code, 'final': self.final}
+
+
+def as_json(updates: Sequence[Update]) -> str:
+    """Updates as one JSON parameter, which both dialects unpack into rows."""
+    return json.dumps([update.row() for update in updates])
+
+
+OK, NOT_HELD, UNKNOWN_TASK = 'ok', 'not held', 'unknown task'
+Results = list[dict]    # [{"task": n, "result": "ok" | "not held" | "unknown task"}]
+
+
+class Claim(NamedTuple):
+    """What a hand-out gave: its tasks, and the results of the updates sent with it."""
+
+    tasks: list[dict]
+    results: Results | None = None
+
+
+class Round(NamedTuple):
+    """A hand-out so far: its tasks, the update results, and the last round's
+    marker: 'end', or why to try for more ('stepped', 'busy')."""
+
+    tasks: list[dict]
+    results: Results | None
+    note: str = 'end'
+
+
+class Repeated(Exception):
+    """The claim's request id was used before: roll back, and answer as the first time."""
+
+
+# ---------------------------------------------------------------------------
+# SQL fragments shared by statements.
+
+# A run's counts: its run_stats rows (alias s) added up.
+RUN_COUNTS = """
+           CAST(sum(s.computing) AS integer) AS computing,
+           CAST(sum(s.done) AS integer) AS done,
+           CAST(sum(s.failed) AS integer) AS failed,
+           CAST(sum(s.micropercent) AS bigint) AS micropercent"""
+
+RUN_COLUMNS = """r.id, r.uuid, r.num_tasks, r.name, r.timeout, r.max_attempts, r.retries,
+           r.max_failures, r.stopped, r.inputs, r.inputs_missing, r.created"""
+
+TASK_COLUMNS = 't.id, t.task, t.status, t.percent, t.attempts, t.failures, t.message, t.exit_code'
+
+# How an update u changes a task t of run r. A task reported failed for the
+# first time since it last ran goes back to waiting while its failures stay
+# within the run's retries, unless the report says the failure is final.
+# A repeated report of a failed task counts no new failure.
+NEWLY_FAILED = "(u.status = 'failed' AND t.status <> 'failed')"
+STATUS_AFTER = f"""CASE WHEN {NEWLY_FAILED} AND NOT u.final
+                      AND t.failures < COALESCE(r.retries, 0) THEN 'waiting'
+                 ELSE COALESCE(u.status, t.status) END"""
+
+# The answer of a hand-out: a task with its input, if the run has inputs.
+HANDED_OUT = """id, task, status, percent, attempts, failures, message, exit_code,
+       (SELECT i.input FROM task_inputs i WHERE i.run_id = {t}.run_id AND i.task = {t}.task)
+       AS input"""
+
+
+# ---------------------------------------------------------------------------
+# The store.
+
+
+class Store:
+    """Every operation of the server on its database, one method each."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- set-up and the token secret ----------------------------------------
+
+    ADD_SECRET = """
+        INSERT INTO settings (name, value) VALUES ('secret', :value)
+        ON CONFLICT (name) DO NOTHING
+    """
+
+    def init(self) -> None:
+        """Create the tables and a signing secret; safe to run twice."""
+        self.db.script(schema_for(self.db.dialect))
+        self.db.execute(self.ADD_SECRET, {'value': secrets.token_hex(32)})
+
+    READ_SECRET = "SELECT value FROM settings WHERE name = 'secret'"
+
+    def secret(self) -> str | None:
+        """The stored token secret; DatabaseUnavailable if there are no tables to read."""
+        try:
+            row = self.db.one(self.READ_SECRET)
+        except self.db.Error as e:
+            raise DatabaseUnavailable(str(e)) from e
+        return None if row is None else row['value']
+
+    # -- users --------------------------------------------------------------
+
+    USER_BY_ID = 'SELECT id, username, token_stamp, is_admin FROM users WHERE id = :id'
+
+    def user_by_id(self, user_id: int) -> dict | None:
+        user = self.db.one(self.USER_BY_ID, {'id': user_id})
+        if user is not None:
+            user['is_admin'] = bool(user['is_admin'])
+        return user
+
+    USER_BY_NAME = """
+        SELECT id, password_hash, token_stamp FROM users WHERE username = :username
+    """
+
+    def user_by_name(self, username: str) -> dict | None:
+        return self.db.one(self.USER_BY_NAME, {'username': username})
+
+    ADD_USER = """
+        INSERT INTO users (username, password_hash, token_stamp, is_admin)
+        VALUES (:username, :password_hash, :token_stamp, :is_admin)
+        ON CONFLICT (username) DO NOTHING
+        RETURNING id
+    """
+
+    def add_user(self, username: str, password_hash: str, token_stamp: str,
+                 is_admin: bool) -> bool:
+        """Add a user; False if the name is taken."""
+        return self.db.one(self.ADD_USER, {
+            'username': username, 'password_hash': password_hash,
+            'token_stamp': token_stamp, 'is_admin': is_admin}) is not None
+
+    # A new token stamp makes every token issued before the change invalid.
+    SET_PASSWORD = """
+        UPDATE users SET password_hash = :password_hash, token_stamp = :token_stamp
+        WHERE username = :username
+    """
+
+    def set_password(self, username: str, password_hash: str, token_stamp: str) -> bool:
+        return self.db.execute(self.SET_PASSWORD, {
+            'username': username, 'password_hash': password_hash,
+            'token_stamp': token_stamp}) > 0
+
+    COUNT_RUNS_OF = """
+        SELECT count(*) AS runs FROM runs r JOIN users u ON u.id = r.owner_id
+        WHERE u.username = :username
+    """
+
+    def count_runs_of(self, username: str) -> int:
+        return self.db.one(self.COUNT_RUNS_OF, {'username': username})['runs']
+
+    DELETE_USER = 'DELETE FROM users WHERE username = :username'
+
+    def delete_user(self, username: str) -> bool:
+        return self.db.execute(self.DELETE_USER, {'username': username}) > 0
+
+    LIST_USERS = """
+        SELECT u.username, u.is_admin,
+               (SELECT count(*) FROM runs r WHERE r.owner_id = u.id) AS runs
+        FROM users u ORDER BY u.username
+    """
+
+    def users(self) -> list[dict]:
+        return self.db.all(self.LIST_USERS)
+
+    # -- runs ---------------------------------------------------------------
+
+    # The uuid is chosen before the statement, so that a retry after a lost
+    # connection finds the run the first try made instead of making another.
+    CREATE_RUN = """
+        INSERT INTO runs (uuid, owner_id, num_tasks, name, timeout, max_attempts, retries,
+                          max_failures, inputs, inputs_missing, created)
+        VALUES (:uuid, :user_id, :num_tasks, :name, :timeout, :max_attempts, :retries,
+                :max_failures, :inputs, :inputs_missing, :now)
+        ON CONFLICT (uuid) DO UPDATE SET uuid = EXCLUDED.uuid
+        RETURNING id
+    """
+
+    def create_run(self, owner: Owner, num_tasks: int, name: str | None = None,
+                   timeout: int | None = None, max_attempts: int | None = None,
+                   retries: int | None = None, max_failures: int | None = None,
+                   inputs: str | None = None) -> dict:
+        """A new run; with `inputs` ('text' or 'json') it hands out nothing until
+        every task's input is stored."""
+        uuid = secrets.token_hex(16)
+        row = self.db.one(self.CREATE_RUN, owner.params(
+            uuid=uuid, num_tasks=num_tasks, name=name, timeout=timeout,
+            max_attempts=max_attempts, retries=retries, max_failures=max_failures,
+            inputs=inputs, inputs_missing=num_tasks if inputs else 0, now=time.time()))
+        return {'id': row['id'], 'uuid': uuid, 'numTasks': num_tasks}
+
+    LIST_RUNS = f"""
+        SELECT r.id, r.uuid, r.num_tasks, r.name FROM runs r
+        WHERE {owned('r')}
+        ORDER BY r.id
+    """
+
+    def runs(self, owner: Owner) -> list[dict]:
+        return self.db.all(self.LIST_RUNS, owner.params())
+
+    FIND_RUN = f"""
+        SELECT r.id, r.num_tasks, r.inputs FROM runs r
+        WHERE r.uuid = :run AND {owned('r')}
+    """
+
+    def find_run(self, owner: Owner, uuid: str) -> dict:
+        """The run's id, size and kind of inputs, or RunNotFound."""
+        check_run_uuid(uuid)
+        row = self.db.one(self.FIND_RUN, owner.params(run=uuid))
+        if row is None:
+            raise RunNotFound(uuid)
+        return row
+
+    RUN_STATUS = f"""
+        SELECT {RUN_COLUMNS}, {RUN_COUNTS}
+        FROM runs r JOIN run_stats s ON s.run_id = r.id
+        WHERE r.uuid = :run AND {owned('r')}
+        GROUP BY r.id
+    """
+
+    def run_status(self, owner: Owner, uuid: str) -> dict:
+        check_run_uuid(uuid)
+        row = self.db.one(self.RUN_STATUS, owner.params(run=uuid))
+        if row is None:
+            raise RunNotFound(uuid)
+        return run_status(row)
+
+    # A delete first takes the run's frontier rows, in the order hand-outs
+    # take them: otherwise a hand-out holding one and waiting for the run's
+    # row (to insert its task) deadlocks with the delete cascading to it.
+    LOCK_FRONTIER = Dialects(
+        postgresql=f"""
+        SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id
+        WHERE r.uuid = :run AND {owned('r')}
+        FOR UPDATE OF f
+        """,
+        sqlite='SELECT 1',  # the transaction already holds sqlite's one write lock
+    )
+
+    DELETE_RUN = f"""
+        DELETE FROM runs
+        WHERE uuid = :run AND {owned('runs')}
+        RETURNING id
+    """
+
+    def delete_run(self, owner: Owner, uuid: str) -> None:
+        """Delete a run and all its tasks."""
+        check_run_uuid(uuid)
+        params = owner.params(run=uuid)
+
+        def delete(tx: Transaction) -> bool:
+            tx.all(self.LOCK_FRONTIER, params)
+            # A retry after a lost connection finds nothing: the first try did it.
+            return tx.one(self.DELETE_RUN, params) is not None or tx.retrying
+
+        if not self.db.run(delete):
+            raise RunNotFound(uuid)
+
+    # A restart clears the run's stop, then puts the chosen tasks back.
+    RESUME_RUN = f"""
+        UPDATE runs SET stopped = false
+        WHERE uuid = :run AND {owned('runs')}
+        RETURNING id
+    """
+
+    RESTART = Dialects(*(f"""
+        UPDATE tasks
+        SET status = 'waiting', percent = CASE WHEN :reset THEN 0 ELSE percent END,
+            attempts = 0, failures = 0, message = NULL, exit_code = NULL,
+            worker_id = NULL, claim_id = NULL, lease_expires = NULL, updated = :now
+        WHERE run_id = (SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})
+          AND (NOT :unfinished OR status <> 'done')
+          AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
+          AND (CAST(:ranges AS text) IS NULL OR EXISTS (
+                SELECT 1 FROM {ranges} WHERE task BETWEEN low AND high))
+    """ for ranges in (
+        "jsonb_to_recordset(CAST(:ranges AS jsonb)) AS chosen(low integer, high integer)",
+        ("(SELECT json_extract(value, '$.low') AS low, json_extract(value, '$.high') AS high"
+         " FROM json_each(:ranges))"))))
+
+    def restart(self, owner: Owner, uuid: str, reset_progress: bool = False,
+                status: str | None = None,
+                ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """Put tasks back to waiting: the unfinished ones, or all (reset_progress),
+        or with `status` and/or `ranges` exactly the chosen ones."""
+        check_run_uuid(uuid)
+        chosen = status is not None or ranges is not None
+        params = owner.params(
+            run=uuid, now=time.time(), reset=reset_progress, status=status,
+            unfinished=not chosen and not reset_progress,
+            ranges=None if ranges is None else json.dumps(
+                [{'low': low, 'high': high} for low, high in ranges]))
+
+        def restart(tx: Transaction) -> bool:
+            if tx.one(self.RESUME_RUN, params) is None:
+                return False
+            tx.execute(self.RESTART, params)
+            return True
+
+        if not self.db.run(restart):
+            raise RunNotFound(uuid)
+
+    # -- the hand-out --------------------------------------------------------
+    #
+    # Order: rows that are waiting (or whose lease ran out), lowest number
+    # first; then the next numbers never handed out, lowest first. Each
+    # claim has a claim id, written on the tasks it hands out: a claim that
+    # is repeated (the worker sends the same requestId, recorded in
+    # `claims`) or retried after a lost connection gets those tasks back
+    # instead of new ones.
+
+    def claim_statement(frontier_order: str, frontier_lock: str) -> str:
+        """The PostgreSQL hand-out, with a choice of how to take frontier rows.
+
+        One statement, atomic across any number of server processes: rows
+        are taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take
+        the same task. Besides the tasks it answers one marker row: 'end';
+        'stepped' when it stepped over numbers that a PUT had finished
+        already (ask again); 'busy' when it found frontier rows busy while it
+        still wanted tasks (ask again, waiting for them).
+        """
+        shards = FRONTIER_SHARDS
+        return f"""
+        WITH worker AS (
+            SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}
+        ), found AS (
+            SELECT r.id, r.num_tasks, r.timeout, r.max_attempts, r.max_failures, r.stopped,
+                   r.inputs_missing
+            FROM runs r
+            WHERE r.uuid = :run AND {owned('r')} AND EXISTS (SELECT 1 FROM worker)
+        ), exhausted AS (
+            UPDATE tasks SET status = 'failed', updated = :now
+            FROM found
+            WHERE tasks.run_id = found.id AND tasks.status = 'computing'
+              AND tasks.lease_expires < :now AND tasks.attempts >= found.max_attempts
+            RETURNING tasks.id
+        ), run AS (
+            -- A stopped run, or one still waiting for its inputs, hands out
+            -- nothing; nor one that the failures just made stop it.
+            SELECT * FROM found
+            WHERE NOT stopped AND inputs_missing = 0
+              AND (max_failures IS NULL OR NOT EXISTS (SELECT 1 FROM exhausted)
+                   OR (SELECT count(*) FROM exhausted)
+                      + (SELECT sum(s.failed) FROM run_stats s WHERE s.run_id = found.id)
+                      < max_failures)
+        ), waiting AS (
+            SELECT t.id, t.task FROM tasks t, run
+            WHERE t.run_id = run.id AND t.status = 'waiting'
+            ORDER BY t.task LIMIT :count
+            FOR UPDATE OF t SKIP LOCKED
+        ), expired AS (
+            SELECT t.id, t.task FROM tasks t, run
+            WHERE t.run_id = run.id AND t.status = 'computing'
+              AND t.lease_expires < :now
+              AND (run.max_attempts IS NULL OR t.attempts < run.max_attempts)
+            ORDER BY t.lease_expires LIMIT :count
+            FOR UPDATE OF t SKIP LOCKED
+        ), reclaim AS (
+            SELECT id, task FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) c
+            ORDER BY task LIMIT :count
+        ), claimed AS (
+            UPDATE tasks
+            SET status = 'computing', worker_id = (SELECT id FROM worker),
+                attempts = tasks.attempts + 1, started = :now, updated = :now,
+                lease_expires = :now + run.timeout, claim_id = :claim
+            FROM run, reclaim
+            WHERE tasks.id = reclaim.id
+            RETURNING tasks.*
+        ), need AS (
+            SELECT :count - count(*) AS n FROM reclaim
+        ), frontier AS (
+            SELECT f.shard, f.next_task FROM run_frontier f, run
+            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+              AND (SELECT n FROM need) > 0
+            ORDER BY {frontier_order}
+            LIMIT least((SELECT n FROM need), {shards})
+            {frontier_lock}
+        ), picked AS (
+            SELECT f.shard, f.next_task + {shards} * i AS task
+            FROM frontier f, run, generate_series(0, (SELECT n FROM need) - 1) AS i
+            WHERE f.next_task + {shards} * i < run.num_tasks
+              AND f.next_task + {shards} * i NOT IN (SELECT task FROM reclaim)
+            ORDER BY task LIMIT (SELECT n FROM need)
+        ), advanced AS (
+            UPDATE run_frontier f SET next_task = p.last + {shards}
+            FROM (SELECT shard, max(task) AS last FROM picked GROUP BY shard) p, run
+            WHERE f.run_id = run.id AND f.shard = p.shard
+        ), created AS (
+            INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
+                               updated, lease_expires, claim_id)
+            SELECT run.id, picked.task, 'computing', (SELECT id FROM worker), 1,
+                   :now, :now, :now + run.timeout, :claim
+            FROM picked, run
+            ON CONFLICT (run_id, task) DO UPDATE
+            SET status = 'computing', worker_id = EXCLUDED.worker_id,
+                attempts = tasks.attempts + 1, started = :now, updated = :now,
+                lease_expires = EXCLUDED.lease_expires, claim_id = :claim
+            WHERE tasks.status = 'waiting'
+            RETURNING tasks.*
+        )
+        SELECT {HANDED_OUT.format(t='h')}, h.fresh, NULL AS note
+        FROM (SELECT *, false AS fresh FROM claimed
+              UNION ALL SELECT *, true FROM created) h
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+               CASE WHEN (SELECT count(*) FROM picked) > (SELECT count(*) FROM created)
+                    THEN 'stepped'
+                    WHEN (SELECT count(*) FROM reclaim) + (SELECT count(*) FROM picked) < :count
+                         AND EXISTS (SELECT 1 FROM run_frontier f, run
+                                     WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+                                       AND f.shard NOT IN (SELECT shard FROM frontier))
+                    THEN 'busy' ELSE 'end' END
+        FROM found
+        """
+
+    CLAIM = claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED')
+    # When frontier rows were busy: wait for them. A single hand-out starts
+    # from a random shard so that waiting hand-outs spread over all of them;
+    # batches take shards in one order, so two of them cannot deadlock.
+    CLAIM_WAITING = claim_statement(f'(f.shard + :spread) % {FRONTIER_SHARDS}',
+                                    'FOR UPDATE OF f')
+    del claim_statement
+
+    # Found by the hand-out when it has nothing to give: is there a run at
+    # all (for the 404), and the run and worker for the sqlite steps.
+    CLAIM_PARTIES = f"""
+        SELECT r.id AS run_id, r.num_tasks, r.timeout, r.max_attempts, r.stopped,
+               r.inputs_missing, w.id AS worker_id
+        FROM runs r, workers w
+        WHERE r.uuid = :run AND {owned('r')} AND w.uuid = :worker AND {owned('w')}
+    """
+
+    RECORD_CLAIM = f"""
+        INSERT INTO claims (run_id, worker_id, request_id, claim_id, results)
+        SELECT r.id, w.id, :request, :claim, :results FROM runs r, workers w
+        WHERE r.uuid = :run AND {owned('r')} AND w.uuid = :worker AND {owned('w')}
+        ON CONFLICT (run_id, worker_id, request_id) DO NOTHING
+        RETURNING claim_id
+    """
+
+    # The tasks of an earlier claim that the worker still holds, computing:
+    # their leases renewed, no hand-out counted.
+    REPEAT_CLAIM = f"""
+        UPDATE tasks
+        SET lease_expires = :now + (SELECT r.timeout FROM runs r WHERE r.id = tasks.run_id),
+            updated = :now
+        WHERE run_id = (SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})
+          AND worker_id = (SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')})
+          AND status = 'computing'
+          AND claim_id = COALESCE(
+              (SELECT c.claim_id FROM claims c
+               WHERE c.run_id = tasks.run_id AND c.worker_id = tasks.worker_id
+                 AND c.request_id = CAST(:request AS text)), :claim)
+        RETURNING {HANDED_OUT.format(t='tasks')}
+    """
+
+    # sqlite has no data-modifying CTEs; the same steps run as statements in
+    # one BEGIN IMMEDIATE transaction, atomic because sqlite has one writer.
+    # INDEXED BY: once ANALYZE has run, sqlite would rather walk the whole
+    # (run_id, task) index in task order (62 ms at 10^6 tasks, not 0.1 ms).
+    SQLITE_EXHAUST = """
+        UPDATE tasks SET status = 'failed', updated = :now
+        WHERE run_id = :run_id AND status = 'computing'
+          AND lease_expires IS NOT NULL AND lease_expires < :now
+          AND attempts >= :max_attempts
+    """
+
+    STOPPED = 'SELECT stopped FROM runs WHERE id = :run_id'
+
+    SQLITE_RECLAIM = f"""
+        UPDATE tasks
+        SET status = 'computing', worker_id = :worker_id, attempts = attempts + 1,
+            started = :now, updated = :now, lease_expires = :now + :timeout,
+            claim_id = :claim
+        WHERE id IN (
+            SELECT id FROM (
+                SELECT * FROM (SELECT id, task FROM tasks INDEXED BY tasks_waiting
+                               WHERE run_id = :run_id AND status = 'waiting'
+                               ORDER BY task LIMIT :count)
+                UNION ALL
+                SELECT * FROM (SELECT id, task FROM tasks INDEXED BY tasks_leased
+                               WHERE run_id = :run_id AND status = 'computing'
+                                 AND lease_expires IS NOT NULL AND lease_expires < :now
+                                 AND (:max_attempts IS NULL OR attempts < :max_attempts)
+                               ORDER BY lease_expires LIMIT :count)
+            ) ORDER BY task LIMIT :count)
+        RETURNING {HANDED_OUT.format(t='tasks')}
+    """
+
+    SQLITE_FRONTIER = """
+        SELECT shard, next_task FROM run_frontier
+        WHERE run_id = :run_id AND next_task < :num_tasks
+    """
+
+    SQLITE_ADVANCE = """
+        UPDATE run_frontier
+        SET next_task = (SELECT json_extract(value, '$[1]') FROM json_each(:advance)
+                         WHERE json_extract(value, '$[0]') = shard)
+        WHERE run_id = :run_id
+          AND shard IN (SELECT json_extract(value, '$[0]') FROM json_each(:advance))
+    """
+
+    SQLITE_CREATE = f"""
+        INSERT INTO tasks (run_id, task, status, worker_id, attempts, started, updated,
+                           lease_expires, claim_id)
+        SELECT :run_id, value, 'computing', :worker_id, 1, :now, :now, :now + :timeout, :claim
+        FROM json_each(:numbers) WHERE true
+        ON CONFLICT (run_id, task) DO UPDATE
+        SET status = 'computing', worker_id = excluded.worker_id,
+            attempts = tasks.attempts + 1, started = :now, updated = :now,
+            lease_expires = excluded.lease_expires, claim_id = :claim
+        WHERE tasks.status = 'waiting'
+        RETURNING {HANDED_OUT.format(t='tasks')}
+    """
+
+    CLAIM_RESULTS = f"""
+        SELECT c.results FROM claims c, runs r, workers w
+        WHERE r.uuid = :run AND {owned('r')} AND w.uuid = :worker AND {owned('w')}
+          AND c.run_id = r.id AND c.worker_id = w.id AND c.request_id = :request
+    """
+
+    def claim(self, owner: Owner, run: str, worker: str, count: int = 1,
+              request_id: str | None = None,
+              updates: Sequence[Update] | None = None) -> Claim:
+        """Hand the worker up to `count` tasks, after applying its `updates`.
+
+        A `request_id` the worker used before on this run gets that claim's
+        tasks back (those it still holds, computing) and that claim's update
+        results, ignoring count and updates. Raises RunNotFound or WorkerNotFound.
+        """
+        check_run_uuid(run)
+        check_worker_uuid(worker)
+        params = owner.params(run=run, worker=worker, count=count, request=request_id,
+                              claim=random.getrandbits(62), spread=0)
+        # With a request id or updates the first round is one transaction:
+        # the updates applied, the claim recorded and the tasks handed out
+        # together, or none of it.
+        atomic = (request_id is not None or updates is not None
+                  or self.db.dialect == 'sqlite')
+        try:
+            handed = self.db.run(lambda tx: self.first_round(tx, params, updates), atomic)
+        except Repeated:
+            handed = self.db.run(lambda tx: self.repeated(tx, params, updates), atomic=False)
+        if handed is None:
+            self.db.run(lambda tx: self.parties(tx, params), atomic=False)
+        if self.db.dialect == 'postgresql':
+            handed = self.further_rounds(handed, params, count)
+        return Claim(sorted_handout(handed.tasks), handed.results)
+
+    def first_round(self, tx: Transaction, params: dict,
+                    updates: Sequence[Update] | None) -> Round | None:
+        """Updates, the claim's record and the first hand-out; None: unknown run or worker."""
+        params['now'] = time.time()
+        if tx.retrying and params['request'] is None:
+            # The lost try may have committed: then its tasks carry our claim id.
+            again = tx.all(self.REPEAT_CLAIM, params)
+            if again:
+                return Round(again, self.apply(tx, params, updates))
+        results = self.apply(tx, params, updates)
+        if params['request'] is not None:
+            recorded = tx.one(self.RECORD_CLAIM, {**params, 'results': json.dumps(results)})
+            if recorded is None:
+                self.parties(tx, params)
+                raise Repeated  # roll the updates back: they were applied the first time
+        if self.db.dialect == 'sqlite':
+            return self.claim_sqlite(tx, params, results)
+        return self.claim_round(tx, self.CLAIM, params, Round([], results))
+
+    def repeated(self, tx: Transaction, params: dict,
+                 updates: Sequence[Update] | None) -> Round:
+        """A repeated claim: its tasks still held and computing, and its first answer's results."""
+        params['now'] = time.time()
+        tasks = tx.all(self.REPEAT_CLAIM, params)
+        results = None
+        if updates is not None:
+            row = tx.one(self.CLAIM_RESULTS, params)
+            results = (json.loads(row['results']) if row and row['results'] else None) or []
+        return Round(tasks, results)
+
+    def claim_round(self, tx: Transaction, statement: str, params: dict,
+                    so_far: Round) -> Round | None:
+        """One PostgreSQL hand-out statement; None if the run or worker is unknown."""
+        rows = tx.all(statement, params)
+        if not rows:
+            return None
+        tasks = [row for row in rows if row['note'] is None]
+        note = next(row['note'] for row in rows if row['note'] is not None)
+        return Round(so_far.tasks + tasks, so_far.results, note)
+
+    def further_rounds(self, handed: Round, params: dict, count: int) -> Round:
+        """PostgreSQL rounds after a first one that stepped over tasks or met busy rows."""
+        for _ in range(CLAIM_ROUNDS):
+            if handed.note == 'end' or len(handed.tasks) >= count:
+                break
+            wanted = count - len(handed.tasks)
+            next_params = {**params, 'count': wanted, 'request': None,
+                           'spread': random.randrange(FRONTIER_SHARDS) if wanted == 1 else 0}
+            handed = self.db.run(lambda tx, so_far=handed, wanted=next_params: self.next_round(
+                tx, wanted, so_far), atomic=False)
+        return handed
+
+    def next_round(self, tx: Transaction, params: dict, so_far: Round) -> Round:
+        params['now'] = time.time()
+        if tx.retrying:
+            # The lost try may have committed: every task of this claim so far.
+            return Round(tx.all(self.REPEAT_CLAIM, params), so_far.results, 'stepped')
+        statement = self.CLAIM if so_far.note == 'stepped' else self.CLAIM_WAITING
+        return self.claim_round(tx, statement, params, so_far) or Round(so_far.tasks,
+                                                                        so_far.results)
+
+    def claim_sqlite(self, tx: Transaction, params: dict,
+                     results: Results | None) -> Round | None:
+        """The sqlite hand-out: the same steps as CLAIM, in one transaction."""
+        parties = tx.one(self.CLAIM_PARTIES, params)
+        if parties is None:
+            return None
+        if parties['stopped'] or parties['inputs_missing']:
+            return Round([], results)
+        params = {**params, **parties}
+        if tx.execute(self.SQLITE_EXHAUST, params) and tx.one(self.STOPPED, params)['stopped']:
+            return Round([], results)   # those failures stopped the run
+        tasks = [{**row, 'fresh': False} for row in tx.all(self.SQLITE_RECLAIM, params)]
+        taken = {row['task'] for row in tasks}
+        for _ in range(CLAIM_ROUNDS):
+            wanted = params['count'] - len(tasks)
+            numbers, advance = fresh_numbers(tx.all(self.SQLITE_FRONTIER, params), wanted,
+                                             parties['num_tasks'], taken)
+            if not numbers:
+                break
+            tx.execute(self.SQLITE_ADVANCE, {**params, 'advance': json.dumps(advance)})
+            created = tx.all(self.SQLITE_CREATE, {**params, 'numbers': json.dumps(numbers)})
+            tasks += [{**row, 'fresh': True} for row in created]
+            taken.update(numbers)   # numbers a PUT finished already are stepped over
+        return Round(tasks, results)
+
+    def parties(self, tx: Transaction, params: dict) -> dict:
+        """The run and worker of a hand-out or report, or which of them is unknown."""
+        found = tx.one(self.CLAIM_PARTIES, params)
+        if found is not None:
+            return found
+        if tx.one(self.FIND_RUN, params) is None:
+            raise RunNotFound(params['run'])
+        raise WorkerNotFound(params['worker'])
+
+    # -- task updates ---------------------------------------------------------
+
+    # Every update applies only to tasks of the caller's run and, when a
+    # worker is named, only to those that worker holds; one statement for
+    # a whole batch, whatever each item changes.
+    REPORT = Dialects(*(f"""
+        UPDATE tasks AS t
+        SET status = {STATUS_AFTER},
+            failures = t.failures + CASE WHEN {NEWLY_FAILED} THEN 1 ELSE 0 END,
+            percent = COALESCE(u.percent, t.percent),
+            message = COALESCE(u.message, t.message),
+            exit_code = COALESCE(u.exit_code, t.exit_code),
+            worker_id = CASE WHEN {STATUS_AFTER} = 'waiting' THEN NULL ELSE t.worker_id END,
+            updated = :now, lease_expires = :now + r.timeout
+        FROM runs r, {updates}
+        WHERE r.uuid = :run AND {owned('r')} AND t.run_id = r.id AND t.task = u.n
+          AND (CAST(:worker AS text) IS NULL OR t.worker_id = (
+                SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}))
+        RETURNING task
+    """ for updates in (
+        """jsonb_to_recordset(CAST(:updates AS jsonb))
+               AS u(n integer, percent double precision, status text, message text,
+                    exit_code integer, final boolean)""",
+        """(SELECT json_extract(value, '$.n') AS n,
+                   json_extract(value, '$.percent') AS percent,
+                   json_extract(value, '$.status') AS status,
+                   json_extract(value, '$.message') AS message,
+                   json_extract(value, '$.exit_code') AS exit_code,
+                   json_extract(value, '$.final') AS final
+            FROM json_each(:updates)) AS u""")))
+
+    # A PUT without a worker (the original client's) on a task that has no
+    # row yet: the row is made first, waiting at 0%.
+    ADD_TASK_ROW = f"""
+        INSERT INTO tasks (run_id, task, updated)
+        SELECT r.id, :task, :now FROM runs r
+        WHERE r.uuid = :run AND {owned('r')} AND :task < r.num_tasks
+        ON CONFLICT (run_id, task) DO NOTHING
+    """
+
+    def apply(self, tx: Transaction, params: dict,
+              updates: Sequence[Update] | None) -> Results | None:
+        """Apply a worker's updates in tx: a result per update, in order."""
+        if updates is None:
+            return None
+        changed = set()
+        if updates:
+            changed = {row['task'] for row in tx.all(self.REPORT, {
+                **params, 'updates': as_json(updates)})}
+        num_tasks = MAX_INT + 1
+        if len(changed) < len(updates):
+            num_tasks = self.parties(tx, params)['num_tasks']
+        return [{'task': update.task,
+                 'result': OK if update.task in changed
+                 else UNKNOWN_TASK if update.task >= num_tasks else NOT_HELD}
+                for update in updates]
+
+    def report(self, owner: Owner, run: str, worker: str,
+               updates: Sequence[Update]) -> Results:
+        """A worker's batch report: a result per update ('ok', 'not held', 'unknown task')."""
+        check_run_uuid(run)
+        check_worker_uuid(worker)
+        params = owner.params(run=run, worker=worker)
+
+        def report(tx: Transaction) -> Results:
+            params['now'] = time.time()
+            return self.apply(tx, params, updates)
+
+        return self.db.run(report, atomic=False)
+
+    def update_task(self, owner: Owner, run: str, update: Update,
+                    worker: str | None = None) -> None:
+        """A PUT: with a worker, only while it holds the task (else TaskNotHeld)."""
+        check_run_uuid(run)
+        if worker is not None:
+            check_worker_uuid(worker)
+        if not 0 <= update.task <= MAX_INT:
+            raise TaskNotFound(self.find_run(owner, run)['num_tasks'])
+        params = owner.params(run=run, worker=worker, task=update.task,
+                              updates=as_json([update]))
+
+        def put(tx: Transaction) -> bool:
+            params['now'] = time.time()
+            if tx.all(self.REPORT, params):
+                return True
+            if worker is not None:
+                return False
+            tx.execute(self.ADD_TASK_ROW, params)
+            return bool(tx.all(self.REPORT, params))
+
+        if self.db.run(put, atomic=worker is None):
+            return
+        num_tasks = self.find_run(owner, run)['num_tasks']
+        if update.task >= num_tasks:
+            raise TaskNotFound(num_tasks)
+        if worker is not None:
+            self.find_worker(owner, worker)
+            raise TaskNotHeld(worker, update.task)
+
+    # -- tasks --------------------------------------------------------------
+
+    GET_TASK = f"""
+        SELECT r.num_tasks, r.inputs, {TASK_COLUMNS},
+               (SELECT i.input FROM task_inputs i
+                WHERE i.run_id = r.id AND i.task = :task) AS input
+        FROM runs r LEFT JOIN tasks t ON t.run_id = r.id AND t.task = :task
+        WHERE r.uuid = :run AND {owned('r')}
+    """
+
+    def task(self, owner: Owner, run: str, task: int) -> dict:
+        """One task (id None when it has no row yet); the run's inputs kind with it."""
+        check_run_uuid(run)
+        if not 0 <= task <= MAX_INT:
+            raise TaskNotFound(self.find_run(owner, run)['num_tasks'])
+        row = self.db.one(self.GET_TASK, owner.params(run=run, task=task))
+        if row is None:
+            raise RunNotFound(run)
+        if task >= row['num_tasks']:
+            raise TaskNotFound(row['num_tasks'])
+        row['task'] = task
+        return row
+
+    LIST_TASKS = f"""
+        SELECT {TASK_COLUMNS}, t.started, t.updated,
+               w.uuid AS worker_uuid, w.hostname, w.pid
+        FROM runs r JOIN tasks t ON t.run_id = r.id
+        LEFT JOIN workers w ON w.id = t.worker_id
+        WHERE r.uuid = :run AND {owned('r')} AND t.task > :after
+          AND (CAST(:status AS text) IS NULL OR t.status = CAST(:status AS text))
+        ORDER BY t.task
+        LIMIT :limit
+    """
+
+    def list_tasks(self, owner: Owner, run: str, status: str | None = None,
+                   after: int = -1, limit: int = 100) -> list[dict]:
+        """The tasks that have a row, by number, after `after`."""
+        rows = self.db.all(self.LIST_TASKS, owner.params(
+            run=run, status=status, after=after, limit=limit))
+        if not rows:
+            self.find_run(owner, run)
+        return rows
+
+    LIST_ATTEMPTS = f"""
+        SELECT a.attempt, a.started, a.ended, a.outcome, a.exit_code, a.message,
+               w.uuid AS worker_uuid, w.hostname, w.pid
+        FROM runs r JOIN attempts a ON a.run_id = r.id AND a.task = :task
+        LEFT JOIN workers w ON w.id = a.worker_id
+        WHERE r.uuid = :run AND {owned('r')}
+        ORDER BY a.id
+        LIMIT :limit
+    """
+
+    def attempts(self, owner: Owner, run: str, task: int, limit: int = 1000) -> list[dict]:
+        """The ended attempts of a task that did not end done, oldest first."""
+        num_tasks = self.find_run(owner, run)['num_tasks']
+        if not 0 <= task < num_tasks:
+            raise TaskNotFound(num_tasks)
+        return self.db.all(self.LIST_ATTEMPTS, owner.params(run=run, task=task, limit=limit))
+
+    # -- workers ------------------------------------------------------------
+
+    REGISTER_WORKER = """
+        INSERT INTO workers (uuid, owner_id, hostname, pid, start, last_seen)
+        VALUES (:uuid, :user_id, :hostname, :pid, :now, :now)
+        ON CONFLICT (uuid) DO NOTHING
+        RETURNING id
+    """
+
+    # Identity, not access: the same uuid of another user's is a clash even for an admin.
+    SAME_WORKER = """
+        SELECT w.id FROM workers w
+        WHERE w.uuid = :uuid AND w.hostname = :hostname AND w.pid = :pid
+          AND w.owner_id = :user_id
+    """
+
+    def register_worker(self, owner: Owner, uuid: str, hostname: str, pid: int) -> int:
+        """The worker's id; registering the same worker again is no error."""
+        params = owner.params(uuid=uuid, hostname=hostname, pid=pid, now=time.time())
+        row = self.db.one(self.REGISTER_WORKER, params) or self.db.one(self.SAME_WORKER, params)
+        if row is None:
+            raise WorkerTaken(uuid)
+        return row['id']
+
+    FIND_WORKER = f"""
+        SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}
+    """
+
+    def find_worker(self, owner: Owner, uuid: str) -> int:
+        check_worker_uuid(uuid)
+        row = self.db.one(self.FIND_WORKER, owner.params(worker=uuid))
+        if row is None:
+            raise WorkerNotFound(uuid)
+        return row['id']
+
+    # A worker's last sign of life is its heartbeat or its latest task update.
+    LIST_WORKERS = Dialects(*(f"""
+        SELECT w.id, w.uuid, w.hostname, w.pid, w.start,
+               {last_seen} AS last_seen,
+               COALESCE(h.computing, 0) AS computing
+        FROM workers w LEFT JOIN (
+            SELECT worker_id, count(*) AS computing, max(updated) AS updated
+            FROM tasks WHERE status = 'computing' GROUP BY worker_id
+        ) h ON h.worker_id = w.id
+        WHERE {owned('w')}
+        ORDER BY w.id
+    """ for last_seen in ('greatest(w.last_seen, h.updated)',
+                          'max(w.last_seen, COALESCE(h.updated, 0))')))
+
+    def workers(self, owner: Owner) -> list[dict]:
+        return self.db.all(self.LIST_WORKERS, owner.params())
+
+    TOUCH_WORKER = f"""
+        UPDATE workers AS w SET last_seen = :now
+        WHERE w.uuid = :worker AND {owned('w')}
+        RETURNING id
+    """
+
+    # Without a list, every computing task the worker holds (Part 2); with
+    # one, only the listed tasks of the run, so that a task the worker lost
+    # track of comes back to the pool when its lease runs out.
+    RENEW_LEASES = Dialects(*(f"""
+        UPDATE tasks AS t SET lease_expires = :now + r.timeout, updated = :now
+        FROM runs r, workers w
+        WHERE w.uuid = :worker AND {owned('w')} AND t.worker_id = w.id
+          AND t.status = 'computing' AND r.id = t.run_id AND r.timeout IS NOT NULL
+          AND (CAST(:run AS text) IS NULL OR (r.uuid = :run AND {owned('r')}
+               AND t.task IN (SELECT {listed})))
+    """ for listed in (('CAST(value AS integer) FROM jsonb_array_elements_text('
+                        'CAST(:tasks AS jsonb))'),
+                       'value FROM json_each(:tasks)')))
+
+    def heartbeat(self, owner: Owner, worker: str, run: str | None = None,
+                  tasks: Sequence[int] = ()) -> None:
+        """A worker's sign of life: renews its leases (all, or those listed of `run`)."""
+        check_worker_uuid(worker)
+        if run is not None:
+            check_run_uuid(run)
+        params = owner.params(worker=worker, run=run, tasks=json.dumps(list(tasks)),
+                              now=time.time())
+
+        def beat(tx: Transaction) -> bool:
+            if tx.one(self.TOUCH_WORKER, params) is None:
+                return False
+            tx.execute(self.RENEW_LEASES, params)
+            return True
+
+        if run is not None:
+            self.find_run(owner, run)
+        if not self.db.run(beat):
+            raise WorkerNotFound(worker)
+
+    # -- the dashboard --------------------------------------------------------
+    #
+    # The counts are the API's (run_stats summed, then run_status). The task
+    # queries name their status literally and read the tasks_by_status index
+    # (run_id, status, updated), so a run of 10^6 tasks costs no scan.
+
+    RUN_SUMMARIES = """
+        SELECT {columns}, u.username AS owner, {counts},
+               count(*) OVER () AS total
+        FROM runs r
+        JOIN users u ON u.id = r.owner_id
+        JOIN run_stats s ON s.run_id = r.id
+        WHERE {which} AND {owned}
+        GROUP BY r.id, u.username
+        ORDER BY r.id DESC
+        LIMIT :limit
+    """
+    LIST_RUN_SUMMARIES = RUN_SUMMARIES.format(
+        which='1 = 1', owned=owned('r'), counts=RUN_COUNTS, columns=RUN_COLUMNS)
+    ONE_RUN_SUMMARY = RUN_SUMMARIES.format(
+        which='r.uuid = :run', owned=owned('r'), counts=RUN_COUNTS, columns=RUN_COLUMNS)
+
+    def run_summaries(self, owner: Owner, limit: int) -> tuple[list[dict], int]:
+        """The newest runs with their status, owner and creation time; and how many in all."""
+        rows = self.db.all(self.LIST_RUN_SUMMARIES, owner.params(limit=limit))
+        return [summary(row) for row in rows], rows[0]['total'] if rows else 0
+
+    def run_summary(self, owner: Owner, uuid: str) -> dict:
+        check_run_uuid(uuid)
+        row = self.db.one(self.ONE_RUN_SUMMARY, owner.params(run=uuid, limit=1))
+        if row is None:
+            raise RunNotFound(uuid)
+        return summary(row)
+
+    # The newest done tasks of the window, at most :sample of them: exact up
+    # to that many, and beyond it the rate over the newest :sample is as good.
+    RECENTLY_DONE = f"""
+        SELECT count(*) AS done, min(updated) AS oldest FROM (
+            SELECT t.updated FROM runs r JOIN tasks t ON t.run_id = r.id
+            WHERE r.uuid = :run AND {owned('r')}
+              AND t.status = 'done' AND t.updated >= :since
+            ORDER BY t.updated DESC
+            LIMIT :sample
+        ) recent
+    """
+
+    def recently_done(self, owner: Owner, uuid: str, since: float, sample: int) -> dict:
+        """How many tasks were done since `since` (at most `sample`), and the oldest's time."""
+        return self.db.one(self.RECENTLY_DONE, owner.params(run=uuid, since=since,
+                                                            sample=sample))
+
+    # Longest silent first, so tasks whose lease ran out head the table.
+    TASKS_IN_STATUS = f"""
+        SELECT t.task, t.percent, t.attempts, t.failures, t.exit_code, t.message,
+               t.started, t.updated, w.uuid AS worker_uuid, w.hostname, w.pid
+        FROM runs r JOIN tasks t ON t.run_id = r.id
+        LEFT JOIN workers w ON w.id = t.worker_id
+        WHERE r.uuid = :run AND {owned('r')} AND t.status = '{{status}}'
+        ORDER BY {{order}}
+        LIMIT :limit
+    """
+    COMPUTING_TASKS = TASKS_IN_STATUS.format(status='computing', order='t.updated, t.task')
+    FAILED_TASKS = TASKS_IN_STATUS.format(status='failed', order='t.updated DESC, t.task')
+
+    def computing_tasks(self, owner: Owner, uuid: str, limit: int) -> list[dict]:
+        return self.db.all(self.COMPUTING_TASKS, owner.params(run=uuid, limit=limit))
+
+    def failed_tasks(self, owner: Owner, uuid: str, limit: int) -> list[dict]:
+        return self.db.all(self.FAILED_TASKS, owner.params(run=uuid, limit=limit))
+
+    # The workers holding the run's most recently active computing tasks.
+    RUN_WORKERS = f"""
+        SELECT w.uuid, w.hostname, w.pid, w.start, w.last_seen,
+               count(*) AS held, max(t.updated) AS updated
+        FROM (SELECT t.worker_id, t.updated FROM runs r JOIN tasks t ON t.run_id = r.id
+              WHERE r.uuid = :run AND {owned('r')} AND t.status = 'computing'
+              ORDER BY t.updated DESC
+              LIMIT :sample) t
+        JOIN workers w ON w.id = t.worker_id
+        GROUP BY w.id, w.uuid, w.hostname, w.pid, w.start, w.last_seen
+        ORDER BY w.hostname, w.pid, w.uuid
+    """
+
+    def run_workers(self, owner: Owner, uuid: str, sample: int) -> list[dict]:
+        return self.db.all(self.RUN_WORKERS, owner.params(run=uuid, sample=sample))
+
+
+
+# Moves a run's frontier past the first :count tasks, for tools that fill a
+# run with task rows directly (tests, benchmarks).
+ADVANCE_FRONTIER = f"""
+    UPDATE run_frontier
+    SET next_task = :count + ((shard - :count) % {FRONTIER_SHARDS} + {FRONTIER_SHARDS})
+                             % {FRONTIER_SHARDS}
+    WHERE run_id = :run_id
+"""
+
+
+def summary(row: dict) -> dict:
+    """A dashboard's run: the API's status with its owner and creation time."""
+    return {**run_status(row), 'owner': row['owner'], 'created': row['created']}
+
+
+def fresh_numbers(frontier: Sequence[dict], wanted: int, num_tasks: int,
+                  taken: set[int]) -> tuple[list[int], list[list[int]]]:
+    """The lowest `wanted` numbers that the frontier rows offer, skipping those
+    in `taken`; and [shard, next number] for each row they move on."""
+    offers = [zip(range(row['next_task'], num_tasks, FRONTIER_SHARDS), repeat(row['shard']))
+              for row in frontier]
+    numbers: list[int] = []
+    passed: dict[int, int] = {}
+    for number, shard in heapq.merge(*offers):
+        if len(numbers) == wanted:
+            break
+        passed[shard] = number
+        if number not in taken:
+            numbers.append(number)
+    return numbers, [[shard, last + FRONTIER_SHARDS] for shard, last in passed.items()]
+
+
+def sorted_handout(tasks: list[dict]) -> list[dict]:
+    """Hand-out order: taken-back tasks first, then fresh ones, each by number."""
+    return sorted(tasks, key=lambda row: (bool(row.get('fresh')), row['task']))
