@@ -66,13 +66,12 @@ def server_module(name: str) -> Any:
 
 def open_server_database(database_url: str) -> Any:
     """The server's own database object: `transaction()`, `tx.execute(sql, params)`."""
-    taskfarm = server_module('taskfarm')
-    return taskfarm.open_database(taskfarm.Config(database_url=database_url))
+    return server_module('store').open_database(database_url)
 
 
 def advance_frontier_sql() -> str:
     """The server's statement that moves a run's frontier past handed-out tasks."""
-    return server_module('taskfarm').ADVANCE_FRONTIER
+    return server_module('store').ADVANCE_FRONTIER
 
 
 def serve_with_waitress(make_app: Callable[[], Any], port: int, threads: int, workers: int,

@@ -137,9 +137,9 @@ def prepare_original(backend: str) -> Server:
         # which two of them running side by side would fight over.
         command.append('--no-control-socket')
     backend_name = 'PostgreSQL' if backend == 'pg' else 'sqlite'
+    settings = f'taskfarm 0.4.0, gunicorn, {ORIGINAL_GUNICORN_WORKERS} sync workers'
     return Server(f'original-{backend}', f'original ({backend_name})', 'original', backend,
-                  command, env, f'taskfarm 0.4.0, gunicorn, {ORIGINAL_GUNICORN_WORKERS} sync workers',
-                  database_url, port, cwd=elsewhere)
+                  command, env, settings, database_url, port, cwd=elsewhere)
 
 
 def prepare_ceiling(threads: int, workers: int) -> Server:
@@ -403,11 +403,12 @@ def throughput_table(servers: Sequence[Server], figures: dict[tuple[str, int], F
                 orig = None  # a ratio to a point where the original failed means nothing
             ceil = figures.get(('ceiling', c))
             lines.append(
-                f'| {server.label} | {c} | {f.handouts:.0f} | {ratio(f.handouts, orig and orig.handouts)} '
+                f'| {server.label} | {c} | {f.handouts:.0f} '
+                f'| {ratio(f.handouts, orig and orig.handouts)} '
                 f'| {ratio(f.handouts, ceil and ceil.handouts)} | {f.p50:.1f} | {f.p99:.1f} '
                 f'| {ratio(f.p99, orig and orig.p99)} | {f.cycles:.1f} '
-                f'| {ratio(f.cycles, orig and orig.cycles)} | {ratio(f.cycles, ceil and ceil.cycles)} '
-                f'| {f.errors} |')
+                f'| {ratio(f.cycles, orig and orig.cycles)} '
+                f'| {ratio(f.cycles, ceil and ceil.cycles)} | {f.errors} |')
     return lines
 
 

@@ -530,7 +530,8 @@ end
 WRK_TOTAL = re.compile(r'(\d+) requests in ([\d.]+)(us|ms|s|m)\b')
 WRK_PERCENTILE = re.compile(r'^\s+(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\s*$', re.MULTILINE)
 WRK_NON_2XX = re.compile(r'Non-2xx or 3xx responses: (\d+)')
-WRK_SOCKET_ERRORS = re.compile(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)')
+WRK_SOCKET_ERRORS = re.compile(
+    r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)')
 SECONDS_PER_UNIT = {'us': 1e-6, 'ms': 1e-3, 's': 1.0, 'm': 60.0}
 
 
