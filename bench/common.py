@@ -93,8 +93,11 @@ class Target:
     at_most: bool = False
     shown: str = ''  # the figures behind the value, e.g. '1,525 vs 217/s'
     why_missing: str = ''  # why it could not be measured
+    broken: str = ''  # why the measurement fails the target whatever its value
 
     def verdict(self) -> str:
+        if self.broken:
+            return 'NOT MET'
         if not measured(self.value):
             return 'NOT MEASURED'
         met = self.value <= self.limit if self.at_most else self.value >= self.limit
@@ -106,7 +109,8 @@ class Target:
         details = f'; {self.shown}' if self.shown and measured(self.value) else ''
         missing = f' ({self.why_missing})' if self.why_missing and not measured(self.value) else ''
         limit = f'{sign} {self.limit:,g}{details}'
-        return f'- **{self.verdict()}**: {self.text}: {value} ({limit}){missing}'
+        broken = f': {self.broken}' if self.broken else ''
+        return f'- **{self.verdict()}**: {self.text}: {value} ({limit}){missing}{broken}'
 
 
 @dataclass
@@ -501,6 +505,18 @@ def stop_and_drop(servers: Sequence[Server]) -> None:
         if server.backend == 'pg':
             with contextlib.suppress(Exception):
                 drop_database(server.database_url.rsplit('/', 1)[1])
+
+
+def settle_database(server: Server) -> None:
+    """VACUUM ANALYZE ours on PostgreSQL, as autovacuum would in time: the
+    shared cluster here runs with autovacuum off, and a table never analysed
+    gets poor plans that no deployed server would keep."""
+    if server.backend != 'pg':
+        return
+    import psycopg
+
+    with psycopg.connect(server.database_url, autocommit=True) as db:
+        db.execute('VACUUM ANALYZE')
 
 
 # --- runs -----------------------------------------------------------------------

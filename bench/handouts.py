@@ -49,6 +49,7 @@ from common import (
     register_workers,
     run_checked,
     server_environment,
+    settle_database,
     start_server,
     stop_and_drop,
     time_requests,
@@ -320,17 +321,6 @@ def handed_out_so_far(server: Server, run: dict) -> int:
     count = api.expect(200, 'GET', f'/api/runs/{run["uuid"]}?info=numComputing')
     api.close()
     return count['numComputing']
-
-
-def settle_database(server: Server) -> None:
-    """Vacuum what the throughput phase deleted, as autovacuum would in time,
-    so that the scale figures do not hinge on when autovacuum happens to run."""
-    if server.backend != 'pg':
-        return
-    import psycopg
-
-    with psycopg.connect(server.database_url, autocommit=True) as db:
-        db.execute('VACUUM ANALYZE')
 
 
 def measure_scale(server: Server, repeats: int, fill_mode: str) -> dict[str, float]:

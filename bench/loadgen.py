@@ -30,6 +30,7 @@ LOAD_GRACE_SECONDS = 10.0
 # A simulated worker whose connections are refused this often in a row gives up.
 MAX_CONNECT_FAILURES = 100
 BATCH_SIZE = 100
+MAX_CLAIM_RETRIES = 20  # 503s in a row before a simulated worker gives up
 
 # --- the Python load generator ----------------------------------------------
 
@@ -115,6 +116,7 @@ class Recorder:
     window_end: float = 0.0
     handouts: int = 0  # tasks handed out inside the window
     received: int = 0  # tasks handed out at any time: what the server should count
+    retried: int = 0  # requests answered 503 and sent again
     requests: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
@@ -212,21 +214,21 @@ class Cycles:
 
 class BatchClaims:
     """The batch workload: claim `batch_size` tasks per request until none is
-    left; with `report_done`, each claim reports the previous batch done."""
+    left. With `report_done` it works as a worker does: each claim reports the
+    previous batch done and names itself with a requestId, so that a claim
+    answered 503 (try again) is sent again as it was, and safely."""
 
     def __init__(self, spec: LoadSpec, worker_uuid: str) -> None:
         self.spec = spec
         self.worker_uuid = worker_uuid
         self.path = f'/api/runs/{spec.run_uuid}/tasks/claim'
-        self.plain_claim = self.claim_with(None)
+        self.plain_claim = http_request('POST', self.path, spec.port, spec.auth,
+                                        {'worker_uuid': worker_uuid, 'count': spec.batch_size})
         self.held: list[int] = []
+        self.claims = 0
+        self.pending: bytes | None = None  # the claim in flight, kept until it is answered
+        self.retries = 0
         self.exhausted = False
-
-    def claim_with(self, updates: list[dict] | None) -> bytes:
-        body: dict[str, Any] = {'worker_uuid': self.worker_uuid, 'count': self.spec.batch_size}
-        if updates is not None:
-            body['updates'] = updates
-        return http_request('POST', self.path, self.spec.port, self.spec.auth, body)
 
     def wants_more(self) -> bool:
         return not self.exhausted
@@ -234,10 +236,20 @@ class BatchClaims:
     def request(self) -> bytes:
         if not self.spec.report_done:
             return self.plain_claim
-        return self.claim_with([{'task': task, 'status': 'done', 'percentCompleted': 100}
-                                for task in self.held])
+        if self.pending is None:
+            self.claims += 1
+            self.pending = http_request('POST', self.path, self.spec.port, self.spec.auth, {
+                'worker_uuid': self.worker_uuid, 'count': self.spec.batch_size,
+                'requestId': f'{self.worker_uuid}-{self.claims}',
+                'updates': [{'task': task, 'status': 'done', 'percentCompleted': 100}
+                            for task in self.held]})
+        return self.pending
 
     def answer(self, status: int, body: bytes, started: float, recorder: Recorder) -> None:
+        if status == 503 and self.spec.report_done and self.retries < MAX_CLAIM_RETRIES:
+            self.retries += 1
+            recorder.retried += 1
+            return  # the same claim goes again
         if status != 200:
             recorder.error(f'batch claim answered {status}: {body[:200]!r}')
             self.exhausted = True  # a bounded load: an erring worker stops
@@ -254,6 +266,7 @@ class BatchClaims:
             recorder.error(f'a done report was refused: {result!r}')
         recorder.errors += max(0, len(refused) - 1)
         recorder.answered(started, time.monotonic(), is_handout=True, tasks=len(tasks))
+        self.pending, self.retries = None, 0
         self.held = tasks
         self.exhausted = not tasks
 
@@ -400,6 +413,7 @@ async def drive(spec: LoadSpec, worker_uuids: Sequence[str], ready: Any, go: Any
         worker.finish()
     return {
         'handouts': recorder.handouts, 'received': recorder.received,
+        'retried': recorder.retried,
         'requests': recorder.requests, 'errors': recorder.errors, 'finished_at': finished_at,
         'error_samples': recorder.error_samples,
         'handout_latencies': recorder.handout_latencies,
@@ -422,6 +436,7 @@ class LoadResult:
     duration: float
     handouts: int = 0
     received: int = 0
+    retried: int = 0
     requests: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
@@ -462,6 +477,7 @@ class LoadResult:
     def add(self, part: dict) -> None:
         self.handouts += part.get('handouts', 0)
         self.received += part.get('received', 0)
+        self.retried += part.get('retried', 0)
         self.finished_at = max(self.finished_at, part.get('finished_at', 0.0))
         self.cpu_seconds += part.get('cpu_seconds', 0.0)
         self.requests += part.get('requests', 0)
