@@ -489,9 +489,13 @@ def start_ours(backend: str, threads: int | None = None, workers: int | None = N
                worker_count: int = 0) -> Server:
     """prepare_ours, started, logged in, with `worker_count` workers registered."""
     server = prepare_ours(backend, threads, workers)
-    start_server(server)
-    log_in(server)
-    register_workers(server, worker_count)
+    try:
+        start_server(server)
+        log_in(server)
+        register_workers(server, worker_count)
+    except BaseException:
+        stop_server(server)  # the caller never sees it, so it cannot stop it
+        raise
     print(f'  {server.label}: pid {server.pid}, port {server.port}, {server.settings}, '
           f'{server.processes} process(es)', flush=True)
     return server

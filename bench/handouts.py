@@ -544,9 +544,10 @@ def prepare_server(name: str, options: Options, started: Sequence[Server]) -> Se
     return prepare_ceiling(options.threads or ceiling.DEFAULT_THREADS, workers)
 
 
-def start_servers(options: Options) -> list[Server]:
-    """Every server of the section, started, logged in, with its workers."""
-    servers: list[Server] = []
+def start_servers(options: Options, servers: list[Server]) -> None:
+    """Every server of the section, started, logged in, with its workers,
+    added to servers before it starts, so that the caller stops whatever
+    started, even if a later one fails."""
     for name in ALL_SERVERS:
         if name in options.servers:
             server = prepare_server(name, options, servers)
@@ -556,7 +557,6 @@ def start_servers(options: Options) -> list[Server]:
             register_workers(server, max(options.connections + CONNECTIONS))
             print(f'  {server.label}: pid {server.pid}, port {server.port}, {server.settings}, '
                   f'{server.processes} process(es)', flush=True)
-    return servers
 
 
 def measure(options: Options) -> Section:
@@ -564,7 +564,7 @@ def measure(options: Options) -> Section:
     section = Section('Original protocol: single hand-outs and worker cycles')
     servers: list[Server] = []
     try:
-        servers = start_servers(options)
+        start_servers(options, servers)
         print('Measuring hand-outs and worker cycles...', flush=True)
         figures = summarise(measure_throughput(servers, options))
         scale = {}
