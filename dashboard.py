@@ -30,8 +30,6 @@ REFRESH_SECONDS = 5
 RUNS_SHOWN = 100            # newest runs on /runs
 TASKS_SHOWN = 50            # rows of each task table on a run page
 WORKERS_SAMPLE = 5000       # computing tasks whose workers a run page lists
-RATE_WINDOW = 600.0         # seconds: "tasks done per minute over the last ten minutes"
-RATE_SAMPLE = 2000          # done tasks counted at most, to keep huge runs fast
 MAX_FORM_BYTES = 4096
 
 # ---------------------------------------------------------------------------
@@ -155,27 +153,16 @@ def run_title(run: dict) -> str:
 # The numbers of a run: the API's counts, its recent rate and an ETA.
 
 
-def done_per_minute(store: Store, who: Owner, run: dict, now: float) -> float:
-    # A run younger than the window is measured over its life so far (a
-    # minute at least, so one early task does not promise the moon).
-    window = max(60.0, min(RATE_WINDOW, now - run['created']))
-    row = store.recently_done(who, run['uuid'], now - window, RATE_SAMPLE)
-    if row['done'] < RATE_SAMPLE:
-        return row['done'] * 60 / window
-    return row['done'] * 60 / max(1.0, now - row['oldest'])
-
-
 def summarise(store: Store, who: Owner, run: dict, now: float) -> dict:
     """A run's status (from the store) with its recent rate and an ETA."""
-    rate = done_per_minute(store, who, run, now)
-    left = run['numTasks'] - run['numDone'] - run['numFailed']
-    if left == 0:
+    pace = store.pace(who, run, now)
+    if pace['etaSeconds'] == 0:
         eta = 'finished' if run['numFailed'] == 0 else 'finished, with failures'
-    elif rate > 0:
-        eta = duration(left / rate * 60)
+    elif pace['etaSeconds'] is not None:
+        eta = duration(pace['etaSeconds'])
     else:
         eta = 'unknown'
-    return {**run, 'rate': rate, 'eta': eta}
+    return {**run, 'rate': pace['donePerMinute'], 'eta': eta}
 
 
 def rate_text(rate: float) -> str:

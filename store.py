@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import random
 import re
 import secrets
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar('T')
@@ -43,7 +42,10 @@ UNPAIRED_SURROGATE_RE = re.compile(r'[\ud800-\udfff]')
 # each other (schema.sql).
 FRONTIER_SHARDS = 8
 CLAIM_ROUNDS = 100          # a hand-out that keeps stepping over tasks gives up here
+RATE_WINDOW = 600.0         # seconds over which a run's pace is measured
+RATE_SAMPLE = 2000          # done tasks counted at most, to keep huge runs fast
 RECONNECT_PAUSE = (0.05, 0.5)   # first and longest pause between reconnects, seconds
+DEADLOCK_RETRIES = 10       # a transaction that lost a deadlock is tried this often
 
 
 # ---------------------------------------------------------------------------
@@ -83,7 +85,13 @@ class WorkerTaken(StoreError):
 
 
 class InputsNotExpected(StoreError):
-    """Inputs sent for tasks outside the run, or to a run without inputs."""
+    """Inputs sent to a run without inputs, or for tasks outside the run."""
+
+
+class InputsComplete(StoreError):
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f'Every input of run {uuid} is stored already; inputs cannot '
+                         'change once tasks may be handed out.')
 
 
 class DatabaseUnavailable(Exception):
@@ -277,9 +285,11 @@ class PostgresDatabase(Database):
             except self.pool_timeout_error as e:
                 raise DatabaseUnavailable(str(e)) from e
             except self.psycopg.errors.TransactionRollback as e:
-                deadlocks += 1      # rolled back whole: nothing to be unsure of
-                if deadlocks == 3:
+                # Rolled back whole (a deadlock lost): nothing to be unsure of.
+                deadlocks += 1
+                if deadlocks == DEADLOCK_RETRIES or time.monotonic() > deadline:
                     raise DatabaseUnavailable(str(e)) from e
+                time.sleep(random.uniform(0, 0.01 * deadlocks))     # out of step
                 continue
             except self.psycopg.OperationalError as e:
                 # Dead connections go back to the pool marked bad; drop idle
@@ -333,16 +343,21 @@ def open_database(url: str, timeout: float = 5.0, pool_size: int = 10) -> Databa
     raise ValueError(f'DATABASE_URL must start with sqlite:/// or postgresql://, not {url!r}')
 
 
-def schema_for(dialect: str) -> str:
-    """The section of schema.sql for one dialect.
+def schema_path() -> Path:
+    """schema.sql: beside this module in a checkout (and an editable install);
+    a plain `pip install` puts it in <prefix>/share/taskfarm, above the
+    module's site-packages, whatever the prefix."""
+    here = Path(__file__).resolve().parent
+    for place in [here, *(folder / 'share' / 'taskfarm' for folder in here.parents)]:
+        if (place / 'schema.sql').exists():
+            return place / 'schema.sql'
+    raise FileNotFoundError(f'schema.sql is neither beside {__file__} nor in a share/taskfarm '
+                            'above it: reinstall the package')
 
-    schema.sql sits beside this module in a checkout (and an editable
-    install); a plain `pip install` puts it in <prefix>/share/taskfarm.
-    """
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'schema.sql')
-    installed = os.path.join(sys.prefix, 'share', 'taskfarm', 'schema.sql')
-    with open(here if os.path.exists(here) else installed, encoding='utf-8') as f:
-        text = f.read()
+
+def schema_for(dialect: str) -> str:
+    """The section of schema.sql for one dialect."""
+    text = schema_path().read_text(encoding='utf-8')
     sections = re.split(r'^-- @(\w+)\s*$', text, flags=re.MULTILINE)
     return dict(zip(sections[1::2], sections[2::2], strict=True))[dialect]
 
@@ -399,13 +414,16 @@ def run_status(row: dict) -> dict:
     """A run's status from its row and summed counts, with the API's names."""
     num_tasks = row['num_tasks']
     busy = row['computing'] + row['done'] + row['failed']
-    return {'id': row['id'], 'uuid': row['uuid'], 'numTasks': num_tasks, 'name': row['name'],
-            'timeout': row['timeout'], 'maxAttempts': row['max_attempts'],
-            'retries': row['retries'], 'maxFailures': row['max_failures'],
-            'stopped': bool(row['stopped']),
-            'percentDone': percent_done(row['micropercent'], num_tasks),
-            'numWaiting': num_tasks - busy, 'numComputing': row['computing'],
-            'numDone': row['done'], 'numFailed': row['failed']}
+    status = {'id': row['id'], 'uuid': row['uuid'], 'numTasks': num_tasks,
+              'name': row['name'], 'timeout': row['timeout'],
+              'maxAttempts': row['max_attempts'], 'retries': row['retries'],
+              'maxFailures': row['max_failures'], 'stopped': bool(row['stopped']),
+              'percentDone': percent_done(row['micropercent'], num_tasks),
+              'numWaiting': num_tasks - busy, 'numComputing': row['computing'],
+              'numDone': row['done'], 'numFailed': row['failed']}
+    if row['inputs'] is not None:   # a run without inputs answers as it always did
+        status.update(inputs=row['inputs'], inputsMissing=row['inputs_missing'])
+    return status
 
 
 @dataclass(frozen=True)
@@ -424,9 +442,11 @@ class Update:
                 'message': self.message, 'exit_code': self.exit_code, 'final': self.final}
 
 
-def as_json(updates: Sequence[Update]) -> str:
-    """Updates as one JSON parameter, which both dialects unpack into rows."""
-    return json.dumps([update.row() for update in updates])
+def update_params(updates: Sequence[Update]) -> dict:
+    """Updates as the parameters of REPORT: one JSON that both dialects unpack
+    into rows, and the task numbers."""
+    return {'updates': json.dumps([update.row() for update in updates]),
+            'tasks': json.dumps([update.task for update in updates])}
 
 
 OK, NOT_HELD, UNKNOWN_TASK = 'ok', 'not held', 'unknown task'
@@ -644,13 +664,96 @@ class Store:
             raise RunNotFound(uuid)
         return run_status(row)
 
-    # A delete first takes the run's frontier rows, in the order hand-outs
-    # take them: otherwise a hand-out holding one and waiting for the run's
-    # row (to insert its task) deadlocks with the delete cascading to it.
+    # Every input is stored as its JSON, whatever the run's kind of inputs, so
+    # that one json.loads gives the value back. An input sent again keeps its
+    # first value: a chunk repeated after a lost answer changes nothing.
+    LOCK_RUN_INPUTS = Dialects(
+        postgresql=f"""
+        SELECT r.id AS run_id, r.num_tasks, r.inputs, r.inputs_missing FROM runs r
+        WHERE r.uuid = :run AND {owned('r')}
+        FOR NO KEY UPDATE
+        """,
+        sqlite=f"""
+        SELECT r.id AS run_id, r.num_tasks, r.inputs, r.inputs_missing FROM runs r
+        WHERE r.uuid = :run AND {owned('r')}
+        """)
+
+    ADD_INPUTS = Dialects(
+        postgresql="""
+        INSERT INTO task_inputs (run_id, task, input)
+        SELECT :run_id, :first + CAST(chunk.place AS integer) - 1, chunk.input
+        FROM jsonb_array_elements_text(CAST(:inputs AS jsonb))
+             WITH ORDINALITY AS chunk(input, place)
+        ON CONFLICT (run_id, task) DO NOTHING
+        """,
+        sqlite="""
+        INSERT INTO task_inputs (run_id, task, input)
+        SELECT :run_id, :first + key, value FROM json_each(:inputs) WHERE true
+        ON CONFLICT (run_id, task) DO NOTHING
+        """)
+
+    COUNT_INPUTS = """
+        UPDATE runs SET inputs_missing = inputs_missing - :added
+        WHERE id = :run_id
+        RETURNING inputs_missing
+    """
+
+    def add_inputs(self, owner: Owner, uuid: str, first: int, inputs: Sequence[Any]) -> dict:
+        """Store the inputs of tasks first, first + 1, ...: {"stored", "missing"}.
+
+        The run hands out tasks once no input is missing (CLAIM). Raises
+        InputsNotExpected (a run without inputs, or tasks outside the run)
+        and InputsComplete.
+        """
+        check_run_uuid(uuid)
+        params = owner.params(run=uuid, first=first,
+                              inputs=json.dumps([json.dumps(value) for value in inputs]))
+
+        def add(tx: Transaction) -> dict:
+            run = tx.one(self.LOCK_RUN_INPUTS, params)
+            if run is None:
+                raise RunNotFound(uuid)
+            if run['inputs'] is None:
+                raise InputsNotExpected(f'Run {uuid} was created without inputs.')
+            if run['inputs_missing'] == 0:
+                raise InputsComplete(uuid)
+            if first + len(inputs) > run['num_tasks']:
+                raise InputsNotExpected(
+                    f'These inputs are for tasks {first} to {first + len(inputs) - 1}; '
+                    f'the run has tasks 0 to {run["num_tasks"] - 1}.')
+            added = tx.execute(self.ADD_INPUTS, {**params, 'run_id': run['run_id']})
+            missing = tx.one(self.COUNT_INPUTS, {'run_id': run['run_id'], 'added': added})
+            return {'stored': added, 'missing': missing['inputs_missing']}
+
+        return self.db.run(add)
+
+    def pace(self, owner: Owner, run: dict, now: float) -> dict:
+        """A run's pace: tasks done per minute lately, and the seconds left at it.
+
+        `run` is a run summary (run_summary). A run younger than the window is
+        measured over its life so far, a minute at least, so that one early
+        task does not promise the moon. The newest RATE_SAMPLE done tasks are
+        enough: beyond that the rate over them is as good.
+        """
+        window = max(60.0, min(RATE_WINDOW, now - run['created']))
+        done = self.recently_done(owner, run['uuid'], now - window, RATE_SAMPLE)
+        if done['done'] < RATE_SAMPLE:
+            rate = done['done'] * 60 / window
+        else:
+            rate = done['done'] * 60 / max(1.0, now - done['oldest'])
+        left = run['numTasks'] - run['numDone'] - run['numFailed']
+        eta = 0.0 if left == 0 else left / rate * 60 if rate > 0 else None
+        return {'donePerMinute': rate, 'etaSeconds': eta}
+
+    # A delete first takes the run's frontier rows, in shard order as waiting
+    # hand-outs take them: otherwise a hand-out holding one and waiting for
+    # the run's row (to insert its tasks) deadlocks with the delete cascading
+    # to it.
     LOCK_FRONTIER = Dialects(
         postgresql=f"""
         SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id
         WHERE r.uuid = :run AND {owned('r')}
+        ORDER BY f.shard
         FOR UPDATE OF f
         """,
         sqlite='SELECT 1',  # the transaction already holds sqlite's one write lock
@@ -728,8 +831,9 @@ class Store:
     # `claims`) or retried after a lost connection gets those tasks back
     # instead of new ones.
 
-    def claim_statement(frontier_order: str, frontier_lock: str) -> str:
-        """The PostgreSQL hand-out, with a choice of how to take frontier rows.
+    def claim_statement(frontier_order: str, frontier_lock: str, take_back: str) -> str:
+        """The PostgreSQL hand-out, with a choice of how to take frontier rows,
+        and whether to take back waiting rows and expired leases (`take_back`).
 
         One statement, atomic across any number of server processes: rows
         are taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take
@@ -750,7 +854,7 @@ class Store:
         ), exhausted AS (
             UPDATE tasks SET status = 'failed', updated = :now
             FROM found
-            WHERE tasks.run_id = found.id AND tasks.status = 'computing'
+            WHERE {take_back} AND tasks.run_id = found.id AND tasks.status = 'computing'
               AND tasks.lease_expires < :now AND tasks.attempts >= found.max_attempts
             RETURNING tasks.id
         ), run AS (
@@ -764,12 +868,12 @@ class Store:
                       < max_failures)
         ), waiting AS (
             SELECT t.id, t.task FROM tasks t, run
-            WHERE t.run_id = run.id AND t.status = 'waiting'
+            WHERE {take_back} AND t.run_id = run.id AND t.status = 'waiting'
             ORDER BY t.task LIMIT :count
             FOR UPDATE OF t SKIP LOCKED
         ), expired AS (
             SELECT t.id, t.task FROM tasks t, run
-            WHERE t.run_id = run.id AND t.status = 'computing'
+            WHERE {take_back} AND t.run_id = run.id AND t.status = 'computing'
               AND t.lease_expires < :now
               AND (run.max_attempts IS NULL OR t.attempts < run.max_attempts)
             ORDER BY t.lease_expires LIMIT :count
@@ -832,12 +936,14 @@ class Store:
         FROM found
         """
 
-    CLAIM = claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED')
-    # When frontier rows were busy: wait for them. A single hand-out starts
-    # from a random shard so that waiting hand-outs spread over all of them;
-    # batches take shards in one order, so two of them cannot deadlock.
+    CLAIM = claim_statement('f.next_task', 'FOR UPDATE OF f SKIP LOCKED', 'true')
+    # When every frontier row was busy: wait for one (further_rounds), for a
+    # fresh number only, so that no task row is held while waiting (a delete,
+    # which takes the frontier rows and then the tasks, would deadlock with
+    # it). Starting from a random shard spreads the waiting hand-outs over
+    # all of them.
     CLAIM_WAITING = claim_statement(f'(f.shard + :spread) % {FRONTIER_SHARDS}',
-                                    'FOR UPDATE OF f')
+                                    'FOR UPDATE OF f', 'false')
     del claim_statement
 
     # Found by the hand-out when it has nothing to give: is there a run at
@@ -1007,13 +1113,20 @@ class Store:
         return Round(so_far.tasks + tasks, so_far.results, note)
 
     def further_rounds(self, handed: Round, params: dict, count: int) -> Round:
-        """PostgreSQL rounds after a first one that stepped over tasks or met busy rows."""
+        """PostgreSQL rounds after a first one that stepped over tasks or met busy rows.
+
+        A claim that met busy frontier rows and has tasks already answers with
+        them (the worker will ask again); one that has none waits for one busy
+        row, for one task. So a waiting hand-out never holds one frontier row
+        while it waits for another, and hand-outs cannot deadlock over them.
+        """
         for _ in range(CLAIM_ROUNDS):
-            if handed.note == 'end' or len(handed.tasks) >= count:
+            busy = handed.note == 'busy'
+            if handed.note == 'end' or len(handed.tasks) >= count or (busy and handed.tasks):
                 break
-            wanted = count - len(handed.tasks)
+            wanted = 1 if busy else count - len(handed.tasks)
             next_params = {**params, 'count': wanted, 'request': None,
-                           'spread': random.randrange(FRONTIER_SHARDS) if wanted == 1 else 0}
+                           'spread': random.randrange(FRONTIER_SHARDS)}
             handed = self.db.run(lambda tx, so_far=handed, wanted=next_params: self.next_round(
                 tx, wanted, so_far), atomic=False)
         return handed
@@ -1065,7 +1178,9 @@ class Store:
 
     # Every update applies only to tasks of the caller's run and, when a
     # worker is named, only to those that worker holds; one statement for
-    # a whole batch, whatever each item changes.
+    # a whole batch, whatever each item changes. The list of task numbers
+    # (`named`) lets the planner find the tasks by the unique (run_id, task)
+    # index whatever its statistics say, instead of walking the run's tasks.
     REPORT = Dialects(*(f"""
         UPDATE tasks AS t
         SET status = {STATUS_AFTER},
@@ -1077,20 +1192,24 @@ class Store:
             updated = :now, lease_expires = :now + r.timeout
         FROM runs r, {updates}
         WHERE r.uuid = :run AND {owned('r')} AND t.run_id = r.id AND t.task = u.n
+          AND {named}
           AND (CAST(:worker AS text) IS NULL OR t.worker_id = (
                 SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}))
         RETURNING task
-    """ for updates in (
+    """ for updates, named in ((
         """jsonb_to_recordset(CAST(:updates AS jsonb))
                AS u(n integer, percent double precision, status text, message text,
                     exit_code integer, final boolean)""",
+        """t.task = ANY(ARRAY(SELECT CAST(value AS integer)
+                                FROM jsonb_array_elements_text(CAST(:tasks AS jsonb))))"""), (
         """(SELECT json_extract(value, '$.n') AS n,
                    json_extract(value, '$.percent') AS percent,
                    json_extract(value, '$.status') AS status,
                    json_extract(value, '$.message') AS message,
                    json_extract(value, '$.exit_code') AS exit_code,
                    json_extract(value, '$.final') AS final
-            FROM json_each(:updates)) AS u""")))
+            FROM json_each(:updates)) AS u""",
+        "t.task IN (SELECT value FROM json_each(:tasks))"))))
 
     # A PUT without a worker (the original client's) on a task that has no
     # row yet: the row is made first, waiting at 0%.
@@ -1109,7 +1228,7 @@ class Store:
         changed = set()
         if updates:
             changed = {row['task'] for row in tx.all(self.REPORT, {
-                **params, 'updates': as_json(updates)})}
+                **params, **update_params(updates)})}
         num_tasks = MAX_INT + 1
         if len(changed) < len(updates):
             num_tasks = self.parties(tx, params)['num_tasks']
@@ -1140,7 +1259,7 @@ class Store:
         if not 0 <= update.task <= MAX_INT:
             raise TaskNotFound(self.find_run(owner, run)['num_tasks'])
         params = owner.params(run=run, worker=worker, task=update.task,
-                              updates=as_json([update]))
+                              **update_params([update]))
 
         def put(tx: Transaction) -> bool:
             params['now'] = time.time()

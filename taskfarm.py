@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import logging
 import math
@@ -27,7 +28,9 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +43,8 @@ from store import (
     MAX_INT,
     STATUSES,
     DatabaseUnavailable,
+    InputsComplete,
+    InputsNotExpected,
     Owner,
     RunNotFound,
     Store,
@@ -67,6 +72,9 @@ class Config:
     auth_cache_seconds: float = 2.0     # revoked users/tokens die within this
     db_timeout: float = 5.0             # wait for a lock, a connection or a reconnect
     pool_size: int = 10                 # PostgreSQL connections per process
+    trusted_proxies: tuple[IPNetwork, ...] = ()   # whose X-Forwarded-For is believed
+    login_max_failures: int = 5         # failed password checks per name or address...
+    login_window: float = 60.0          # ...within this many seconds, then 429 as long
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Config:
@@ -79,6 +87,10 @@ class Config:
                 env.get('TASKFARM_AUTH_CACHE_SECONDS', cls.auth_cache_seconds)),
             db_timeout=float(env.get('TASKFARM_DB_TIMEOUT', cls.db_timeout)),
             pool_size=int(env.get('TASKFARM_POOL_SIZE', cls.pool_size)),
+            trusted_proxies=trusted_networks(env.get('TASKFARM_TRUSTED_PROXIES', '')),
+            login_max_failures=int(
+                env.get('TASKFARM_LOGIN_MAX_FAILURES', cls.login_max_failures)),
+            login_window=float(env.get('TASKFARM_LOGIN_WINDOW', cls.login_window)),
         )
 
     @property
@@ -102,6 +114,7 @@ MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_SECONDS = 2
 MAX_BATCH = 1000            # tasks of one claim, items of one report
 MAX_MESSAGE = 4096          # characters of a failure message
+MAX_INPUT = 4096            # characters of a task's input
 MAX_RANGES = 1000           # items of a restart's `tasks`
 MIN_EXIT_CODE = -2**31
 
@@ -167,15 +180,16 @@ class Authenticator:
         self.ttl = config.auth_cache_seconds
         self.users: dict[int, tuple[float, dict | None]] = {}
         self.passwords: dict[bytes, tuple[float, int, str]] = {}
+        self.throttle = LoginThrottle(config.login_max_failures, config.login_window)
 
-    def user(self, authorization: str | None) -> dict | None:
+    def user(self, authorization: str | None, address: str = '') -> dict | None:
         credentials = parse_basic(authorization)
         if credentials is None:
             return None
         name, password = credentials
         found = read_token(self.secret, name) if name.startswith('tf1.') else None
         if found is None:
-            found = self.password_user(name, password)
+            found = self.password_user(name, password, address)
         if found is None:
             return None
         user_id, stamp = found
@@ -193,15 +207,23 @@ class Authenticator:
         self.users[user_id] = (now + self.ttl, user)
         return user
 
-    def password_user(self, name: str, password: str) -> tuple[int, str] | None:
+    def password_user(self, name: str, password: str,
+                      address: str = '') -> tuple[int, str] | None:
         key = hmac.new(self.secret, f'{name}\0{password}'.encode(), 'sha256').digest()
         now = time.monotonic()
         cached = self.passwords.get(key)
         if cached and cached[0] > now:
             return cached[1], cached[2]
+        wait = self.throttle.wait(name, address)
+        if wait:
+            raise login_throttled(wait)
         row = self.store.user_by_name(name)
-        if row is None or not verify_password(password, row['password_hash']):
+        if row is None:
             return None
+        if not verify_password(password, row['password_hash']):
+            self.throttle.failed(name, address)
+            return None
+        self.throttle.succeeded(name, address)
         self.passwords[key] = (now + self.ttl, row['id'], row['token_stamp'])
         return row['id'], row['token_stamp']
 
@@ -221,14 +243,17 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
 class AuthMiddleware:
     """Puts the caller on req.context.user, or answers 401."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator,
+                 trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
         self.authenticator = authenticator
+        self.trusted_proxies = trusted_proxies
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response,
                          resource: Any, params: dict) -> None:
         if resource is None or not getattr(resource, 'auth_required', True):
             return
-        user = self.authenticator.user(req.get_header('Authorization'))
+        user = self.authenticator.user(req.get_header('Authorization'),
+                                       client_address(req, self.trusted_proxies))
         if user is None:
             raise falcon.HTTPUnauthorized(
                 title='Authentication required',
@@ -236,6 +261,159 @@ class AuthMiddleware:
                             'from GET /api/token as the user name.',
                 challenges=['Basic realm="taskfarm"'])
         req.context.user = user
+
+
+# ---------------------------------------------------------------------------
+# Login throttling, and the client's address it counts by. A wrong password
+# costs a scrypt check (30-60 ms of CPU): after a few for one user name or
+# one client address within a window, password logins for that name or
+# from that address answer 429 without checking until the window is over.
+# Tokens are never throttled, so workers holding one keep working.
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+THROTTLE_TRACKED = 10_000   # names, addresses and known logins remembered, each at most
+NAME_KEY_LENGTH = 64        # no user name is longer (admin.py); longer ones share a key
+
+log = logging.getLogger('taskfarm')
+
+
+def trusted_networks(text: str) -> tuple[IPNetwork, ...]:
+    """TASKFARM_TRUSTED_PROXIES: addresses or networks (CIDR), comma-separated."""
+    return tuple(ipaddress.ip_network(item.strip(), strict=False)
+                 for item in text.split(',') if item.strip())
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+
+
+def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+               networks: tuple[IPNetwork, ...]) -> bool:
+    return ip is not None and any(ip in network for network in networks)
+
+
+def client_address(req: falcon.Request, trusted_proxies: tuple[IPNetwork, ...]) -> str:
+    """The client's address: the peer's, unless the peer is a trusted proxy.
+
+    Then X-Forwarded-For is read from the right, where each proxy appended
+    the address it saw: the client is the first address that is not a
+    trusted proxy's. Entries left of it were written by the client itself.
+    """
+    address = req.remote_addr
+    if not trusted_proxies or not is_trusted(parse_ip(address), trusted_proxies):
+        return address
+    for hop in reversed((req.get_header('X-Forwarded-For') or '').split(',')):
+        ip = parse_ip(hop)
+        if ip is None:
+            break       # nothing, or garbage: the nearest trusted proxy is all we know
+        address = str(ip)
+        if not is_trusted(ip, trusted_proxies):
+            break
+    return address
+
+
+@dataclass
+class Strikes:
+    """The failed password checks of one name or address in its window."""
+    since: float
+    count: int = 0
+    blocked_until: float = 0.0
+    logged: bool = False    # this block's first refusal was logged
+
+    def over(self, now: float, window: float) -> bool:
+        return now >= max(self.since + window, self.blocked_until)
+
+
+class LoginThrottle:
+    """Counts failed password checks per user name and per client address.
+
+    `max_failures` within `window` seconds block that name or that address
+    for `window` seconds (0 for either turns throttling off). A blocked name
+    stays open to the addresses that logged in as it before, so that an
+    attacker cannot lock its user out. Memory stays bounded: at most
+    THROTTLE_TRACKED names and addresses (the least recently failed are
+    forgotten first), and as many known logins.
+    """
+
+    def __init__(self, max_failures: int, window: float,
+                 tracked: int = THROTTLE_TRACKED) -> None:
+        self.enabled = max_failures > 0 and window > 0
+        self.max_failures = max_failures
+        self.window = window
+        self.tracked = tracked
+        self.strikes: OrderedDict[tuple[str, str], Strikes] = OrderedDict()
+        self.known: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def wait(self, name: str, address: str) -> float:
+        """Seconds until name may try a password from address; 0: now."""
+        if not self.enabled:
+            return 0.0
+        name = name[:NAME_KEY_LENGTH]
+        now = time.monotonic()
+        with self.lock:
+            keys = [('address', address)]
+            if (name, address) not in self.known:
+                keys.append(('user', name))
+            return max(self.blocked_for(key, now) for key in keys)
+
+    def blocked_for(self, key: tuple[str, str], now: float) -> float:
+        strikes = self.strikes.get(key)
+        if strikes is None or strikes.blocked_until <= now:
+            return 0.0
+        if not strikes.logged:      # one line per block, however many attempts
+            strikes.logged = True
+            log.warning('login throttled: %s %r had %d failed password checks; its password '
+                        'logins get 429 without a check for %.0f s', key[0], key[1],
+                        strikes.count, strikes.blocked_until - now)
+        return strikes.blocked_until - now
+
+    def failed(self, name: str, address: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        with self.lock:
+            for key in (('address', address), ('user', name[:NAME_KEY_LENGTH])):
+                self.strike(key, now)
+            self.forget_old(now)
+
+    def strike(self, key: tuple[str, str], now: float) -> None:
+        strikes = self.strikes.pop(key, None)   # back in last: the most recently failed
+        if strikes is None or strikes.over(now, self.window):
+            strikes = Strikes(since=now)
+        strikes.count += 1
+        if strikes.count >= self.max_failures:
+            strikes.blocked_until = now + self.window
+        self.strikes[key] = strikes
+
+    def forget_old(self, now: float) -> None:
+        while self.strikes:
+            oldest = next(iter(self.strikes.values()))
+            if len(self.strikes) <= self.tracked and not oldest.over(now, self.window):
+                return
+            self.strikes.popitem(last=False)
+
+    def succeeded(self, name: str, address: str) -> None:
+        if not self.enabled:
+            return
+        key = (name[:NAME_KEY_LENGTH], address)
+        with self.lock:
+            self.known.pop(key, None)
+            self.known[key] = None
+            if len(self.known) > self.tracked:
+                self.known.popitem(last=False)
+
+
+def login_throttled(wait: float) -> falcon.HTTPTooManyRequests:
+    seconds = math.ceil(wait)
+    return falcon.HTTPTooManyRequests(
+        title='Too many failed logins',
+        description='Too many wrong passwords for this user or from this address: '
+                    f'try again in {seconds} s. Tokens keep working meanwhile.',
+        retry_after=seconds)
 
 
 def owner(req: falcon.Request) -> Owner:
@@ -428,6 +606,18 @@ def read_updates(items: list) -> list[Update]:
     return updates
 
 
+def check_input(value: Any, kind: str | None, where: str) -> None:
+    """A task's input: a line of text, or any JSON value, of at most MAX_INPUT characters."""
+    if kind == 'text':
+        if not isinstance(value, str):
+            raise bad_field(where, 'must be a string: this run takes text inputs')
+        if not valid_text(value, MAX_INPUT):
+            raise bad_field(where, f'must be at most {MAX_INPUT} characters, without NUL '
+                                   'characters or unpaired surrogates')
+    elif kind == 'json' and len(json.dumps(value, separators=(',', ':'))) > MAX_INPUT:
+        raise bad_field(where, f'must be at most {MAX_INPUT} characters as compact JSON')
+
+
 def int_param(req: falcon.Request, name: str, default: int, minimum: int, maximum: int) -> int:
     raw = req.get_param(name)
     if raw is None:
@@ -567,14 +757,18 @@ class Runs:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_body(req, ('numTasks', 'name', 'timeout', 'maxAttempts', 'retries',
-                               'maxFailures'))
+                               'maxFailures', 'inputs'))
+        inputs = body.get('inputs')
+        if inputs not in (None, 'text', 'json'):
+            raise bad_field('inputs', 'must be "text" or "json"')
         run = self.store.create_run(
             owner(req), num_tasks=require_int(body, 'numTasks', 1, MAX_INT),
             name=require_str(body, 'name', 200, required=False),
             timeout=require_int(body, 'timeout', 1, 31536000, required=False),
             max_attempts=require_int(body, 'maxAttempts', 1, 1000, required=False),
             retries=require_int(body, 'retries', 0, 100, required=False),
-            max_failures=require_int(body, 'maxFailures', 1, MAX_INT, required=False))
+            max_failures=require_int(body, 'maxFailures', 1, MAX_INT, required=False),
+            inputs=inputs)
         resp.status = falcon.HTTP_201
         resp.media = run
 
@@ -622,6 +816,20 @@ class Run:
             limit=int_param(req, 'limit', 100, 1, 1000),
             after=int_param(req, 'after', -1, -1, MAX_INT))
         resp.media = {'data': [listed_task_json(row) for row in rows]}
+
+    def on_put_inputs(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        """One chunk of a run's inputs: tasks first, first + 1, ..."""
+        body = read_body(req, ('first', 'inputs'))
+        first = require_int(body, 'first', 0, MAX_INT)
+        inputs = require_list(body, 'inputs', 1, MAX_BATCH * 10)
+        kind = self.store.find_run(owner(req), uuid)['inputs']
+        for index, value in enumerate(inputs):
+            check_input(value, kind, f'inputs[{index}]')
+        resp.media = self.store.add_inputs(owner(req), uuid, first, inputs)
+
+    def on_get_pace(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        run = self.store.run_summary(owner(req), uuid)
+        resp.media = self.store.pace(owner(req), run, time.time())
 
     def on_patch_tasks(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
         """The batch report: many updates of one worker's tasks in one request."""
@@ -749,6 +957,8 @@ STORE_ERRORS: dict[type[StoreError], tuple[type[falcon.HTTPError], str]] = {
     TaskNotFound: (falcon.HTTPNotFound, 'Unknown task'),
     TaskNotHeld: (falcon.HTTPConflict, 'Task not held'),
     WorkerTaken: (falcon.HTTPConflict, 'Worker uuid taken'),
+    InputsNotExpected: (falcon.HTTPBadRequest, 'Inputs not expected'),
+    InputsComplete: (falcon.HTTPConflict, 'Inputs complete'),
 }
 
 
@@ -792,7 +1002,8 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     config = config or Config()
     secret = load_secret(store, config)
     app = falcon.App(middleware=[EmptySegments(),
-                                 AuthMiddleware(Authenticator(store, secret, config))])
+                                 AuthMiddleware(Authenticator(store, secret, config),
+                                                config.trusted_proxies)])
     app.set_error_serializer(json_errors)
     for error in STORE_ERRORS:
         app.add_error_handler(error, store_error)
@@ -806,6 +1017,8 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     app.add_route('/api/runs/{uuid}', run)
     app.add_route('/api/runs/{uuid}/restart', run, suffix='restart')
     app.add_route('/api/runs/{uuid}/tasks', run, suffix='tasks')
+    app.add_route('/api/runs/{uuid}/inputs', run, suffix='inputs')
+    app.add_route('/api/runs/{uuid}/pace', run, suffix='pace')
     app.add_route('/api/runs/{uuid}/task', TaskHandout(store))
     app.add_route('/api/runs/{uuid}/tasks/claim', TaskClaim(store))
     app.add_route('/api/runs/{uuid}/tasks/{task_id:int}', task)
@@ -880,7 +1093,9 @@ def serve_with_waitress(make_app: Callable[[], Any], host: str, port: int, threa
               f'({workers} process(es) x {threads} threads)', flush=True)
     server = waitress.create_server(
         app, sockets=[listener], threads=threads, connection_limit=1000,
-        channel_timeout=120, max_request_body_size=WAITRESS_BODY_LIMIT, ident='taskfarm')
+        channel_timeout=120, max_request_body_size=WAITRESS_BODY_LIMIT, ident='taskfarm',
+        # Keep X-Forwarded-For: client_address() decides whom to believe.
+        clear_untrusted_proxy_headers=False)
     server.channel_class = taskfarm_channel()
     try:
         server.run()

@@ -224,7 +224,7 @@ def test_rate_of_a_young_run_is_measured_over_its_life(alice, db):
 
 
 def test_rate_of_a_fast_run_comes_from_its_newest_tasks(alice, db, monkeypatch):
-    monkeypatch.setattr(dashboard, 'RATE_SAMPLE', 3)
+    monkeypatch.setattr(store, 'RATE_SAMPLE', 3)
     run = started_run(alice, 12, done=6, computing=0, failed=0)
     db.execute('UPDATE runs SET created = created - 3600')
     db.execute('UPDATE tasks SET updated = :now - 60 * (6 - task)', {'now': time.time()})

@@ -874,6 +874,87 @@ def test_empty_path_segments_are_404(alice):
 
 
 # ---------------------------------------------------------------------------
+# Inputs stored with the run, and its pace.
+
+
+def put_inputs(client, run: str, first: int, inputs: list, status: int = 200):
+    return client.put_json(f'/api/runs/{run}/inputs', {'first': first, 'inputs': inputs},
+                           status=status)
+
+
+def test_run_with_inputs_hands_out_nothing_until_every_input_is_stored(alice):
+    run = alice.create_run(5, inputs='text')['uuid']
+    worker = alice.register_worker()
+    assert alice.claim_tasks(run, worker, count=5).json == {'data': []}
+    alice.claim(run, worker, status=204)
+    assert put_inputs(alice, run, 0, ['a b', 'c']).json == {'stored': 2, 'missing': 3}
+    assert put_inputs(alice, run, 0, ['a b', 'ignored']).json == {'stored': 0, 'missing': 3}
+    alice.claim(run, worker, status=204)
+    info = alice.run_info(run)
+    assert (info['inputs'], info['inputsMissing']) == ('text', 3)
+    assert put_inputs(alice, run, 2, ['', 'é', 'last']).json == {'stored': 3, 'missing': 0}
+    first = alice.claim(run, worker).json
+    assert (first['task'], first['input']) == (0, 'a b')
+    rest = alice.claim_tasks(run, worker, count=5).json['data']
+    assert [(t['task'], t['input']) for t in rest] == [(1, 'c'), (2, ''), (3, 'é'), (4, 'last')]
+    assert alice.get(f'/api/runs/{run}/tasks/1').json['input'] == 'c'
+    put_inputs(alice, run, 0, ['late'], status=409)
+
+
+def test_json_inputs_come_back_as_the_values_sent(alice):
+    values = [{'tile': [3, 4], 'band': 'red'}, 7, None, 'text', [1.5, True]]
+    run = alice.create_run(5, inputs='json')['uuid']
+    put_inputs(alice, run, 0, values)
+    worker = alice.register_worker()
+    handed = alice.claim_tasks(run, worker, count=5).json['data']
+    assert [t['input'] for t in handed] == values
+
+
+def test_run_without_inputs_answers_as_always(alice):
+    run = alice.create_run(2)['uuid']
+    assert 'inputs' not in alice.run_info(run)
+    task = alice.claim(run, alice.register_worker()).json
+    assert 'input' not in task and 'input' not in alice.get(f'/api/runs/{run}/tasks/0').json
+    refused = put_inputs(alice, run, 0, ['x'], status=400)
+    assert 'without inputs' in refused.json['description']
+
+
+@pytest.mark.parametrize('kind, first, inputs, where', [
+    ('text', 0, [7], 'inputs[0]'), ('text', 0, ['ok', 'x' * 4097], 'inputs[1]'),
+    ('text', 0, ['nul\0'], 'inputs[0]'), ('json', 0, ['x' * 4095], 'inputs[0]'),
+    ('text', 2, ['a', 'b', 'c'], 'tasks 2 to 4'), ('text', -1, ['a'], 'first'),
+    ('text', 0, [], 'inputs'), ('text', 0, 'abc', 'inputs'),
+])
+def test_bad_inputs_are_a_400_and_nothing_is_stored(alice, kind, first, inputs, where):
+    run = alice.create_run(4, inputs=kind)['uuid']
+    refused = put_inputs(alice, run, first, inputs, status=400)
+    assert where in refused.json['description'], refused.json
+    assert alice.run_info(run)['inputsMissing'] == 4
+
+
+def test_inputs_of_unknown_or_foreign_runs_are_404(alice, bob):
+    run = alice.create_run(1, inputs='text')['uuid']
+    put_inputs(bob, run, 0, ['x'], status=404)
+    put_inputs(alice, UNKNOWN_RUN, 0, ['x'], status=404)
+    alice.post_json('/api/run', {'numTasks': 1, 'inputs': 'csv'}, status=400)
+
+
+def test_pace_counts_tasks_done_lately_and_estimates_the_rest(alice):
+    run = alice.create_run(10)['uuid']
+    assert alice.get(f'/api/runs/{run}/pace').json == {'donePerMinute': 0.0,
+                                                        'etaSeconds': None}
+    worker = alice.register_worker()
+    alice.claim_tasks(run, worker, count=10)
+    report(alice, run, worker, [{'task': n, 'status': 'done'} for n in range(6)])
+    pace = alice.get(f'/api/runs/{run}/pace').json
+    assert pace['donePerMinute'] == 6.0     # a new run is measured over its first minute
+    assert pace['etaSeconds'] == pytest.approx(40.0)
+    report(alice, run, worker, [{'task': n, **FAILED} for n in range(6, 10)])
+    assert alice.get(f'/api/runs/{run}/pace').json['etaSeconds'] == 0
+    alice.get(f'/api/runs/{UNKNOWN_RUN}/pace', status=404)
+
+
+# ---------------------------------------------------------------------------
 # Bad input: every route, never a 500.
 
 BAD_BODIES = [b'', b'{', b'null', b'[]', b'"x"', b'1', b'{"a":1}', b'\xff\xfe',
@@ -881,7 +962,8 @@ BAD_BODIES = [b'', b'{', b'null', b'[]', b'"x"', b'1', b'{"a":1}', b'\xff\xfe',
               b'{"x": "' + b'y' * 70000 + b'"}']
 ROUTES = [('POST', '/api/run'), ('POST', '/api/runs/{run}/task'),
           ('PUT', '/api/runs/{run}/tasks/0'), ('POST', '/api/worker'),
-          ('POST', '/api/runs/{run}/tasks/claim'), ('PATCH', '/api/runs/{run}/tasks')]
+          ('POST', '/api/runs/{run}/tasks/claim'), ('PATCH', '/api/runs/{run}/tasks'),
+          ('PUT', '/api/runs/{run}/inputs')]
 
 
 @pytest.mark.parametrize('method, path', ROUTES)
