@@ -187,17 +187,19 @@ def measure_batch(options: Options) -> Section:
 # --- scale: 10^6 tasks through batches ---------------------------------------------
 
 
-def work_through(server: Server, run: dict) -> LoadResult:
-    """SCALE_WORKERS workers claim and report every task of the run."""
+def work_through(server: Server, run: dict) -> tuple[LoadResult, int]:
+    """SCALE_WORKERS workers claim and report every task of the run, within
+    the time limit: the load's result and how many tasks the run has done."""
     spec = LoadSpec(server.port, server.auth, run['uuid'], 'batch', SCALE_TIME_LIMIT_SECONDS,
                     warmup=0.0, report_done=True)
     result = run_load(spec, worker_uuids(SCALE_WORKERS), server.pid)
     status = run_status(server, run)
     if status['numDone'] != run['numTasks'] or status['numComputing']:
         result.errors += 1
-        result.error_samples.append(f'after the load {status["numDone"]} of {run["numTasks"]} '
-                                    f'tasks are done and {status["numComputing"]} computing')
-    return result
+        result.error_samples.append(f'after the load {status["numDone"]:,} of '
+                                    f'{run["numTasks"]:,} tasks are done and '
+                                    f'{status["numComputing"]} computing')
+    return result, status['numDone']
 
 
 def status_latency_ms(server: Server, run: dict) -> float:
@@ -206,16 +208,17 @@ def status_latency_ms(server: Server, run: dict) -> float:
 
 def measure_scale_run(server: Server, tasks: int) -> dict[str, Any]:
     warmup = create_run(server, SCALE_WARMUP_TASKS)
-    work_through(server, warmup)
+    work_through(server, warmup)  # its figures do not count
     delete_run(server, warmup)
     settle_database(server)
     figures: dict[str, Any] = {'rss before': rss_kib(server.pid) / 1024}
     run = create_run(server, tasks)
     figures['status before'] = status_latency_ms(server, run)
-    result = work_through(server, run)
-    log_result(f'{tasks} tasks in {result.elapsed:.1f} s', result, tasks / result.elapsed)
+    result, done = work_through(server, run)
+    log_result(f'{done} tasks done in {result.elapsed:.1f} s', result, done / result.elapsed)
     figures.update({
-        'seconds': result.elapsed, 'errors': result.errors, 'retried': result.retried,
+        'seconds': result.elapsed, 'done': done, 'errors': result.errors,
+        'retried': result.retried,
         'error samples': result.error_samples[:2],
         'status after': status_latency_ms(server, run),
         'rss after': rss_kib(server.pid) / 1024,
@@ -240,14 +243,15 @@ def scale_method(server: Server, tasks: int) -> str:
 
 def scale_lines(server: Server, tasks: int, f: dict[str, Any]) -> list[str]:
     cores = f'{f["server cores"]:.2f} / {f["postgres cores"]:.2f} / {f["loadgen cores"]:.2f}'
-    cells = [f'{tasks:,}', f'{f["seconds"]:.1f}', f'{tasks / f["seconds"]:,.0f}',
+    cells = [f'{tasks:,}', f'{f["done"]:,}', f'{f["seconds"]:.1f}',
+             f'{f["done"] / f["seconds"]:,.0f}',
              f'{f["rss before"]:.0f}', f'{f["rss after"]:.0f}', f'{f["status before"]:.1f}',
              f'{f["status after"]:.1f}', str(f['retried']), str(f['errors']), cores]
     return [
         scale_method(server, tasks), '',
-        '| tasks | seconds | tasks/s | RSS before MiB | RSS after MiB | status before ms '
+        '| tasks | done | seconds | done/s | RSS before MiB | RSS after MiB | status before ms '
         '| status after ms | 503s retried | errors | cores: server / PostgreSQL / load |',
-        '|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
+        '|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
         '| ' + ' | '.join(cells) + ' |',
         *(f'- error: {sample}' for sample in f['error samples']),
     ]
