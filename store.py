@@ -371,6 +371,14 @@ def owned(table: str) -> str:
     return f'({table}.owner_id = :user_id OR :is_admin)'
 
 
+# The id of the caller's run :run, as a scalar. Statements that read a run's
+# tasks in `updated` order use it rather than a join: PostgreSQL then walks
+# tasks_by_status in that order and stops at the LIMIT, where joined it sorts
+# every task of the run in that status first (1.3 s instead of 2 ms for the
+# newest 5,000 of 10^6 done tasks).
+THE_RUN = f"(SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})"
+
+
 class Owner(NamedTuple):
     """Who is asking: every owned statement takes these two parameters."""
 
@@ -790,7 +798,7 @@ class Store:
         SET status = 'waiting', percent = CASE WHEN :reset THEN 0 ELSE percent END,
             attempts = 0, failures = 0, message = NULL, exit_code = NULL,
             worker_id = NULL, claim_id = NULL, lease_expires = NULL, updated = :now
-        WHERE run_id = (SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})
+        WHERE run_id = {THE_RUN}
           AND (NOT :unfinished OR status <> 'done')
           AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
           AND (CAST(:ranges AS text) IS NULL OR EXISTS (
@@ -969,7 +977,7 @@ class Store:
         UPDATE tasks
         SET lease_expires = :now + (SELECT r.timeout FROM runs r WHERE r.id = tasks.run_id),
             updated = :now
-        WHERE run_id = (SELECT r.id FROM runs r WHERE r.uuid = :run AND {owned('r')})
+        WHERE run_id = {THE_RUN}
           AND worker_id = (SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')})
           AND status = 'computing'
           AND claim_id = COALESCE(
@@ -1469,9 +1477,8 @@ class Store:
     # to that many, and beyond it the rate over the newest :sample is as good.
     RECENTLY_DONE = f"""
         SELECT count(*) AS done, min(updated) AS oldest FROM (
-            SELECT t.updated FROM runs r JOIN tasks t ON t.run_id = r.id
-            WHERE r.uuid = :run AND {owned('r')}
-              AND t.status = 'done' AND t.updated >= :since
+            SELECT t.updated FROM tasks t
+            WHERE t.run_id = {THE_RUN} AND t.status = 'done' AND t.updated >= :since
             ORDER BY t.updated DESC
             LIMIT :sample
         ) recent
@@ -1486,9 +1493,8 @@ class Store:
     TASKS_IN_STATUS = f"""
         SELECT t.task, t.percent, t.attempts, t.failures, t.exit_code, t.message,
                t.started, t.updated, w.uuid AS worker_uuid, w.hostname, w.pid
-        FROM runs r JOIN tasks t ON t.run_id = r.id
-        LEFT JOIN workers w ON w.id = t.worker_id
-        WHERE r.uuid = :run AND {owned('r')} AND t.status = '{{status}}'
+        FROM tasks t LEFT JOIN workers w ON w.id = t.worker_id
+        WHERE t.run_id = {THE_RUN} AND t.status = '{{status}}'
         ORDER BY {{order}}
         LIMIT :limit
     """
@@ -1505,8 +1511,8 @@ class Store:
     RUN_WORKERS = f"""
         SELECT w.uuid, w.hostname, w.pid, w.start, w.last_seen,
                count(*) AS held, max(t.updated) AS updated
-        FROM (SELECT t.worker_id, t.updated FROM runs r JOIN tasks t ON t.run_id = r.id
-              WHERE r.uuid = :run AND {owned('r')} AND t.status = 'computing'
+        FROM (SELECT t.worker_id, t.updated FROM tasks t
+              WHERE t.run_id = {THE_RUN} AND t.status = 'computing'
               ORDER BY t.updated DESC
               LIMIT :sample) t
         JOIN workers w ON w.id = t.worker_id
@@ -1516,6 +1522,126 @@ class Store:
 
     def run_workers(self, owner: Owner, uuid: str, sample: int) -> list[dict]:
         return self.db.all(self.RUN_WORKERS, owner.params(run=uuid, sample=sample))
+
+    # -- the dashboard: failures, one task, and the charts --------------------
+
+    # The first line of a task's message, cut at FIRST_LINE_CHARS characters:
+    # failures are grouped by it and by the exit code.
+    FIRST_LINE_CHARS = 200
+    FIRST_LINE = Dialects(
+        postgresql=f"substr(split_part(t.message, chr(10), 1), 1, {FIRST_LINE_CHARS})",
+        sqlite=(f"substr(substr(t.message, 1, instr(t.message || char(10), char(10)) - 1),"
+                f" 1, {FIRST_LINE_CHARS})"))
+
+    # The run's newest :sample failed tasks with the first line of their
+    # message: the tasks_by_status index read backwards, no further.
+    NEWEST_FAILED = f"""
+              SELECT t.task, t.percent, t.attempts, t.failures, t.exit_code, t.updated,
+                     t.worker_id, {{line}} AS line
+              FROM tasks t
+              WHERE t.run_id = {THE_RUN} AND t.status = 'failed'
+              ORDER BY t.updated DESC
+              LIMIT :sample"""
+    FAILED_SAMPLE = Dialects(NEWEST_FAILED.format(line=FIRST_LINE.postgresql),
+                             NEWEST_FAILED.format(line=FIRST_LINE.sqlite))
+
+    # Those grouped, the biggest groups first.
+    FAILURE_GROUPS = Dialects(*(f"""
+        SELECT f.exit_code, f.line, count(*) AS tasks, min(f.task) AS first_task,
+               max(f.updated) AS latest, count(*) OVER () AS groups,
+               CAST(sum(count(*)) OVER () AS integer) AS sampled
+        FROM ({sample}) f
+        GROUP BY f.exit_code, f.line
+        ORDER BY tasks DESC, f.exit_code IS NULL, f.exit_code, f.line
+        LIMIT :limit
+    """ for sample in FAILED_SAMPLE))
+
+    def failure_groups(self, owner: Owner, uuid: str, sample: int, limit: int) -> list[dict]:
+        """The run's newest `sample` failed tasks by exit code and first line of
+        message: at most `limit` groups, each with its count, lowest task and
+        latest failure; every row also says how many groups and tasks there were."""
+        return self.db.all(self.FAILURE_GROUPS, owner.params(run=uuid, sample=sample,
+                                                             limit=limit))
+
+    # One group of FAILURE_GROUPS, by task number after :after. `IS` is
+    # sqlite's null-safe equality: a group may have no exit code or message.
+    FAILED_IN_GROUP = Dialects(*(f"""
+        SELECT f.task, f.percent, f.attempts, f.failures, f.exit_code, f.line, f.updated,
+               w.uuid AS worker_uuid, w.hostname, w.pid, count(*) OVER () AS total
+        FROM ({sample}) f
+        LEFT JOIN workers w ON w.id = f.worker_id
+        WHERE f.exit_code {same} :exit_code AND f.line {same} :line AND f.task > :after
+        ORDER BY f.task
+        LIMIT :limit
+    """ for sample, same in zip(FAILED_SAMPLE, ('IS NOT DISTINCT FROM', 'IS'), strict=True)))
+
+    def failed_in_group(self, owner: Owner, uuid: str, exit_code: int | None,
+                        line: str | None, after: int, sample: int, limit: int) -> list[dict]:
+        """The failed tasks of one group among the newest `sample`, by number
+        after `after`, at most `limit`; each row says how many there are from `after` on."""
+        return self.db.all(self.FAILED_IN_GROUP, owner.params(
+            run=uuid, exit_code=exit_code, line=line, after=after, sample=sample,
+            limit=limit))
+
+    TASK_DETAIL = f"""
+        SELECT r.name AS run_name, r.num_tasks, r.timeout, {TASK_COLUMNS},
+               t.started, t.updated,
+               w.uuid AS worker_uuid, w.hostname, w.pid,
+               (SELECT i.input FROM task_inputs i
+                WHERE i.run_id = r.id AND i.task = :task) AS input
+        FROM runs r LEFT JOIN tasks t ON t.run_id = r.id AND t.task = :task
+        LEFT JOIN workers w ON w.id = t.worker_id
+        WHERE r.uuid = :run AND {owned('r')}
+    """
+
+    def task_detail(self, owner: Owner, uuid: str, task: int) -> dict:
+        """One task with its times and worker (id None when it has no row yet)."""
+        check_run_uuid(uuid)
+        row = self.db.one(self.TASK_DETAIL, owner.params(run=uuid, task=task))
+        if row is None:
+            raise RunNotFound(uuid)
+        if not 0 <= task < row['num_tasks']:
+            raise TaskNotFound(row['num_tasks'])
+        return {**row, 'task': task}
+
+    # The newest done tasks, for the chart of durations and the chart's end.
+    NEWEST_DONE = f"""
+        SELECT t.started, t.updated FROM tasks t
+        WHERE t.run_id = {THE_RUN} AND t.status = 'done'
+        ORDER BY t.updated DESC
+        LIMIT :sample
+    """
+
+    def newest_done(self, owner: Owner, uuid: str, sample: int) -> list[dict]:
+        """The hand-out and done times of the newest `sample` done tasks, newest first."""
+        return self.db.all(self.NEWEST_DONE, owner.params(run=uuid, sample=sample))
+
+    # The run's newest :sample done tasks since :start (no more, however fast
+    # the run), counted by bar of :width seconds; each row also says how many
+    # were read and how far back they reach. Bar 0 starts at :start.
+    COUNT_DONE_BY_BAR = f"""
+        SELECT d.bar, count(*) AS done,
+               CAST(sum(count(*)) OVER () AS integer) AS sampled,
+               min(min(d.updated)) OVER () AS reach
+        FROM (SELECT t.updated, {{bar}} AS bar
+              FROM tasks t
+              WHERE t.run_id = {THE_RUN} AND t.status = 'done' AND t.updated >= :start
+              ORDER BY t.updated DESC
+              LIMIT :sample) d
+        GROUP BY d.bar
+        ORDER BY d.bar
+    """
+    DONE_BY_BAR = Dialects(
+        COUNT_DONE_BY_BAR.format(bar='CAST(floor((t.updated - :start) / :width) AS integer)'),
+        # sqlite's CAST truncates, which is floor() here: updated >= start.
+        COUNT_DONE_BY_BAR.format(bar='CAST((t.updated - :start) / :width AS integer)'))
+
+    def done_by_bar(self, owner: Owner, uuid: str, start: float, width: float,
+                    sample: int) -> list[dict]:
+        """How many of the newest `sample` tasks done since `start` fall in each
+        bar of `width` seconds: [{"bar", "done", "sampled", "reach"}], bars with none left out."""
+        return self.db.all(self.DONE_BY_BAR, owner.params(
+            run=uuid, start=start, width=width, sample=sample))
 
 
 
