@@ -638,6 +638,15 @@ def int_param(req: falcon.Request, name: str, default: int, minimum: int, maximu
     return int(raw)
 
 
+def check_query(req: falcon.Request, allowed: Sequence[str]) -> None:
+    unknown = sorted(set(req.params) - set(allowed))
+    if unknown:
+        raise falcon.HTTPBadRequest(
+            title='Unknown query parameter',
+            description=f'Unknown query parameter {unknown[0][:64]!r}; '
+                        f'this route takes: {", ".join(allowed)}.')
+
+
 def status_param(req: falcon.Request) -> str | None:
     status = req.get_param('status')
     if status is not None and status not in STATUSES:
@@ -804,6 +813,8 @@ class Run:
         resp.status = falcon.HTTP_204
 
     def on_post_restart(self, req: falcon.Request, resp: falcon.Response, uuid: str) -> None:
+        # A mistyped choice (`task=3`) must not restart more than was meant.
+        check_query(req, ('all', 'status', 'tasks'))
         everything = req.get_param('all', default='False').lower()
         if everything not in ('true', 'false'):
             raise falcon.HTTPNotFound(title='Invalid all',

@@ -776,6 +776,7 @@ def test_restart_by_ranges_restarts_exactly_those_tasks(alice):
     {'tasks': ''}, {'tasks': '3-'}, {'tasks': '5-3'}, {'tasks': '1, 2'}, {'tasks': 'a'},
     {'tasks': '10'}, {'tasks': '0-10'}, {'tasks': '-1'}, {'tasks': ','.join(['1'] * 1001)},
     {'tasks': '99999999999999'}, {'status': ''}, {'status': 'finished'},
+    {'status': 'failed', 'task': '3'}, {'al': 'True'},
 ])
 def test_restart_refuses_bad_status_or_ranges(alice, query):
     run = alice.create_run(10)['uuid']
