@@ -8,6 +8,7 @@ conditions with a deadline; every subprocess call has a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pty
@@ -32,6 +33,7 @@ from taskfarm_client import (
     TaskFarm,
     TaskFarmWorker,
     Unreachable,
+    Worker,
     WorkPool,
     parse_progress,
     task_command,
@@ -344,6 +346,185 @@ def test_work_pool_runs_in_process(client, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# Lost answers, workers that stay to the end, heartbeats (issue 10)
+
+
+class AnswerDroppingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server that lets the first
+    hand-out request through and closes the connection instead of passing
+    its answer on, as a server killed right after its commit would."""
+
+    HANDOUT = re.compile(rb'^POST /api/runs/\w+/(?:task|tasks/claim) HTTP/')
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix('http://').split(':')
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.url = f'http://127.0.0.1:{self.listener.getsockname()[1]}'
+        self.dropped = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream, timeout=30)
+            doomed = threading.Event()   # this connection's next answer is dropped
+            threading.Thread(target=self._requests, args=(client, server, doomed),
+                             daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client, doomed),
+                             daemon=True).start()
+
+    def _requests(self, client: socket.socket, server: socket.socket,
+                  doomed: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                with self._lock:
+                    if self.dropped == 0 and self.HANDOUT.match(data):
+                        doomed.set()
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _answers(self, server: socket.socket, client: socket.socket,
+                 doomed: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if doomed.is_set():   # the server answered: it committed
+                    with self._lock:
+                        self.dropped += 1
+                    break
+                client.sendall(data)
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.fixture
+def dropping_proxy(live_server):
+    proxy = AnswerDroppingProxy(live_server.url)
+    yield proxy
+    proxy.close()
+
+
+def test_claim_whose_answer_is_lost_is_retried_and_strands_no_task(
+        live_server, client, dropping_proxy, tmp_path):
+    run = client.create_run(4, timeout=60)['uuid']
+    out = tmp_path / 'out.txt'
+    result = taskfarm(live_server, 'work', run, '-j', '1', '--',
+                      'sh', '-c', f'echo {{}} >> {out}',
+                      env=cli_env(live_server, TASKFARM_URL=dropping_proxy.url))
+
+    assert result.returncode == 0, result.stderr
+    assert dropping_proxy.dropped == 1
+    assert sorted(out.read_text().split()) == ['0', '1', '2', '3']
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing'], info['numWaiting']) == (4, 0, 0)
+    assert [task['attempts'] for task in client.iter_tasks(run)] == [1, 1, 1, 1]
+
+
+def test_original_style_worker_retries_a_lost_single_handout(live_server, dropping_proxy):
+    user, password = live_server.user, live_server.password
+    tf = TaskFarm(user, password, numTasks=3, url_base=live_server.api)
+    worker = TaskFarmWorker(user, password, tf.uuid, url_base=dropping_proxy.url + '/api/')
+    seen = []
+    for task in worker.tasks:
+        seen.append(task)
+        worker.update(100)
+        worker.done()
+    assert dropping_proxy.dropped == 1
+    assert seen == [0, 1, 2]                 # the lost hand-out's task, not a second one
+    assert (tf.numDone, tf.numComputing) == (3, 0)
+
+
+def test_worker_stays_until_a_killed_workers_task_comes_back(
+        live_server, client, spawn, tmp_path):
+    run = client.create_run(6, timeout=2)['uuid']
+    out, pid_file = tmp_path / 'out.txt', tmp_path / 'pid'
+    # Task 0 hangs the first time (the worker about to be killed); after that it runs.
+    command = (f'if [ {{}} = 0 ] && [ ! -e {tmp_path}/claimed ]; then touch {tmp_path}/claimed; '
+               f'echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; sleep 600; fi; '
+               f'echo {{}} >> {out}')
+    doomed = spawn('work', run, '--', 'sh', '-c', command)
+    wait_for(pid_file.exists, 'the first worker to start task 0')
+    survivor = spawn('work', run, '--', 'sh', '-c', command)
+    wait_for(lambda: out.exists() and len(out.read_text().split()) == 5,
+             'the second worker to do the other five tasks')
+    assert survivor.poll() is None             # it waits: task 0 may come back
+
+    doomed.kill()
+    os.killpg(int(pid_file.read_text()), signal.SIGKILL)   # its command, in its own session
+    _, stderr = finish(survivor)
+
+    assert survivor.returncode == 0, stderr
+    assert sorted(out.read_text().split()) == ['0', '1', '2', '3', '4', '5']
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing']) == (6, 0)
+    assert client.task_info(run, 0, 'attempts') == 2
+
+
+def test_exit_when_idle_leaves_while_other_tasks_compute(live_server, client):
+    run = client.create_run(2, timeout=60)['uuid']
+    client.register_worker('other', 'node9', 9)
+    client.claim_task(run, 'other')            # task 0, computing elsewhere
+    result = taskfarm(live_server, 'work', run, '--exit-when-idle', '--', 'true')
+    assert result.returncode == 0, result.stderr
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing']) == (1, 1)
+
+
+def test_heartbeats_renew_only_the_tasks_the_worker_runs(
+        live_server, client, spawn, tmp_path):
+    run = client.create_run(3, timeout=2)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    worker = spawn('work', run, '--', 'sh', '-c', f'if [ {{}} = 0 ]; then read x < {gate}; fi')
+    holder = wait_for(lambda: [w for w in client.workers() if w['numComputing'] == 1],
+                      'the worker to run task 0')[0]['uuid']
+    # A task handed to the worker that it does not know of, as after a lost answer.
+    ghost = client.claim_task(run, holder)['task']
+    client.register_worker('w2', 'node2', 2)
+    assert client.claim_task(run, 'w2')['task'] == 2
+
+    # The worker's heartbeats keep task 0, not the ghost: its lease runs out.
+    taken = wait_for(lambda: client.claim_task(run, 'w2'), 'the ghost task to come back')
+    assert taken['task'] == ghost == 1
+    assert client.task_info(run, 0, 'status') == 'computing'
+
+    release(gate)        # the worker goes on, and takes w2's tasks when their leases end
+    _, stderr = finish(worker)
+    assert worker.returncode == 0, stderr
+    assert client.run_info(run, 'numDone') == 3
+
+
+def test_python_worker_waits_for_a_task_whose_lease_runs_out(live_server, client):
+    run = client.create_run(2, timeout=1)['uuid']
+    client.register_worker('gone', 'node9', 9)
+    client.claim_task(run, 'gone')             # task 0: its worker never comes back
+    user, password = live_server.user, live_server.password
+
+    def work_through(worker: Worker) -> list[int]:
+        seen = []
+        for task in worker.tasks:
+            seen.append(task)
+            worker.update(100)
+            worker.done()
+        return seen
+
+    # The original stops when nothing waits; ours waits for task 0's lease to run out.
+    assert work_through(TaskFarmWorker(user, password, run, url_base=live_server.api)) == [1]
+    assert work_through(Worker(user, password, run, url_base=live_server.api)) == [0]
+    assert client.run_info(run, 'numDone') == 2
+
+
+# ---------------------------------------------------------------------------
 # `taskfarm watch`
 
 
@@ -471,13 +652,14 @@ def test_tasks_lists_every_task_with_a_status_filter(live_server, client):
     everything = taskfarm(live_server, 'tasks', run).stdout.splitlines()
     done = taskfarm(live_server, 'tasks', run, '--status', 'done').stdout.splitlines()
 
-    assert everything[0].split() == ['TASK', 'STATUS', 'PERCENT', 'ATTEMPTS', 'UPDATED', 'WORKER']
+    assert everything[0].split() == ['TASK', 'STATUS', 'PERCENT', 'ATTEMPTS', 'FAILURES',
+                                     'EXIT', 'UPDATED', 'WORKER', 'MESSAGE']
     rows = [line.split() for line in everything[1:]]
-    assert [row[:4] + row[5:] for row in rows] == [
-        ['0', 'computing', '0.0', '1', 'node7:42'],
-        ['1', 'done', '100.0', '1', 'node7:42'],
-        ['2', 'computing', '0.0', '1', 'node7:42']]
-    assert all(re.fullmatch(r'\d{4}-\d\d-\d\dT[\d:.]+Z', row[4]) for row in rows)
+    assert [row[:6] + row[7:] for row in rows] == [
+        ['0', 'computing', '0.0', '1', '0', '-', 'node7:42'],
+        ['1', 'done', '100.0', '1', '0', '-', 'node7:42'],
+        ['2', 'computing', '0.0', '1', '0', '-', 'node7:42']]
+    assert all(re.fullmatch(r'\d{4}-\d\d-\d\dT[\d:.]+Z', row[6]) for row in rows)
     assert [line.split()[:2] for line in done[1:]] == [['1', 'done']]
 
 
