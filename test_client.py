@@ -9,7 +9,10 @@ conditions with a deadline; every subprocess call has a timeout.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
+import json
 import os
 import pty
 import queue
@@ -21,8 +24,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -522,6 +526,269 @@ def test_python_worker_waits_for_a_task_whose_lease_runs_out(live_server, client
     assert work_through(TaskFarmWorker(user, password, run, url_base=live_server.api)) == [1]
     assert work_through(Worker(user, password, run, url_base=live_server.api)) == [0]
     assert client.run_info(run, 'numDone') == 2
+
+
+# ---------------------------------------------------------------------------
+# Batches (issue 11)
+
+
+def test_client_claims_and_reports_in_batches(live_server, client):
+    run = client.create_run(5)['uuid']
+    client.register_worker('w1', 'node1', 1)
+    first = client.claim_tasks(run, 'w1', 3, request_id='c1')
+    assert [task['task'] for task in first['data']] == [0, 1, 2]
+    assert 'updates' not in first
+    # The same request id again (its answer was lost): the same tasks, no more.
+    assert [task['task'] for task in client.claim_tasks(run, 'w1', 3, request_id='c1')['data']
+            ] == [0, 1, 2]
+
+    second = client.claim_tasks(run, 'w1', 5, updates=[
+        {'task': 0, 'status': 'done', 'percentCompleted': 100},
+        {'task': 1, 'status': 'failed', 'exitCode': 2, 'message': 'no input file'}])
+    assert [task['task'] for task in second['data']] == [3, 4]
+    assert second['updates'] == [{'task': 0, 'result': 'ok'}, {'task': 1, 'result': 'ok'}]
+    assert client.report(run, 'w1', [{'task': 2, 'status': 'done'}, {'task': 9, 'status': 'done'}]
+                         ) == [{'task': 2, 'result': 'ok'}, {'task': 9, 'result': 'unknown task'}]
+    assert client.task_info(run, 1) | {'id': None} == {
+        'id': None, 'task': 1, 'percentCompleted': 0.0, 'status': 'failed', 'attempts': 1,
+        'failures': 1, 'message': 'no input file', 'exitCode': 2}
+
+
+def short_then_long(tmp_path: Path, gate: Path, long_task: int) -> list[str]:
+    """A command: quick for every task but `long_task`, which waits on `gate`."""
+    return ['sh', '-c', f'if [ {{}} = {long_task} ]; then touch {tmp_path}/long; '
+                        f'read x < {gate}; fi; echo {{}} >> {tmp_path}/out']
+
+
+def test_short_tasks_are_claimed_ahead_and_given_back_when_a_long_one_holds_them(
+        live_server, client, spawn, tmp_path):
+    run = client.create_run(20, timeout=60)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    worker = spawn('work', run, '-j', '1', '--', *short_then_long(tmp_path, gate, 5))
+    wait_for((tmp_path / 'long').exists, 'the long task to start')
+    # Tasks 0 to 4 took no time: the worker claimed the rest ahead...
+    assert client.run_info(run, 'numWaiting') == 0
+    # ...and, as they wait on the long one, it gives them back to other workers.
+    wait_for(lambda: client.run_info(run)['numComputing'] == 1, 'the waiting tasks to go back')
+    info = client.run_info(run)
+    assert (info['numDone'], info['numWaiting']) == (5, 14)
+
+    release(gate)
+    _, stderr = finish(worker)
+    assert worker.returncode == 0, stderr
+    assert Counter((tmp_path / 'out').read_text().split()) == Counter(map(str, range(20)))
+    assert client.run_info(run, 'numDone') == 20
+
+
+def test_sigterm_puts_back_running_and_claimed_ahead_tasks(
+        live_server, client, spawn, tmp_path):
+    run = client.create_run(20, timeout=60)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    worker = spawn('work', run, '-j', '1', '--', *short_then_long(tmp_path, gate, 5))
+    wait_for((tmp_path / 'long').exists, 'the long task to start')
+    assert client.run_info(run, 'numWaiting') == 0     # 6 to 19 claimed ahead
+
+    worker.terminate()
+    _, stderr = finish(worker)
+
+    assert worker.returncode == 128 + signal.SIGTERM, stderr
+    assert '15 task(s) put back to waiting' in stderr
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing'], info['numWaiting']) == (5, 0, 15)
+
+
+# ---------------------------------------------------------------------------
+# Failures, retries, time limits, chosen restarts (issue 12)
+
+
+def test_task_failing_twice_under_two_retries_ends_done_with_its_attempts_kept(
+        live_server, client, tmp_path):
+    run = taskfarm(live_server, 'create', '1', '--retries', '2').stdout.strip()
+    count = tmp_path / 'count'
+    command = (f'n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}; '
+               'if [ "$n" -lt 2 ]; then echo "setting up"; echo "boom $n" >&2; exit 3; fi')
+
+    result = taskfarm(live_server, 'work', run, '--', 'sh', '-c', command)
+
+    assert result.returncode == 0, result.stderr        # nothing failed for good
+    assert result.stderr.count('task 0 failed (exit status 3), to be retried') == 2
+    task = client.task_info(run, 0)
+    assert (task['status'], task['failures'], task['attempts']) == ('done', 2, 3)
+    attempts = client.attempts(run, 0)
+    assert [(a['attempt'], a['outcome'], a['exitCode'], a['message']) for a in attempts] == [
+        (1, 'failed', 3, 'boom 0\n'), (2, 'failed', 3, 'boom 1\n')]
+    shown = taskfarm(live_server, 'show', run, '0')
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r'^status\s+done$', shown.stdout, re.M)
+    assert shown.stdout.count('failed, exit code 3') == 2
+    assert '  | boom 0\n' in shown.stdout and '  | boom 1\n' in shown.stdout
+
+
+def test_final_exit_code_fails_a_task_at_once_whatever_the_retries(live_server, client):
+    run = taskfarm(live_server, 'create', '1', '--retries', '5').stdout.strip()
+    result = taskfarm(live_server, 'work', run, '--final-exit', '2,42', '--',
+                      'sh', '-c', 'echo "unrecoverable" >&2; exit 42')
+    assert result.returncode == 1
+    assert 'task 0 failed (exit status 42);' in result.stderr
+    task = client.task_info(run, 0)
+    assert (task['status'], task['failures'], task['exitCode'], task['message']) == (
+        'failed', 1, 42, 'unrecoverable\n')
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie left (it has ended)."""
+    try:
+        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == 'Z'
+
+
+def test_time_limit_stops_the_command_and_its_children(live_server, client, tmp_path):
+    run = client.create_run(1)['uuid']
+    child = tmp_path / 'child'
+    command = f'echo "started" >&2; sleep 300 & echo $! > {child}; wait'
+
+    result = taskfarm(live_server, 'work', run, '--time-limit', '1s', '--', 'sh', '-c', command)
+
+    assert result.returncode == 1
+    assert 'task 0 failed (stopped at the time limit of 1s (--time-limit))' in result.stderr
+    wait_for(lambda: process_gone(int(child.read_text())), "the command's child to end")
+    task = client.task_info(run, 0)
+    assert (task['status'], task['exitCode']) == ('failed', -signal.SIGTERM)
+    assert task['message'] == ('taskfarm: stopped at the time limit of 1s (--time-limit)\n'
+                               'started\n')
+
+
+def test_max_failures_stops_the_run_and_a_restart_resumes_it(live_server, client):
+    run = taskfarm(live_server, 'create', '300', '--max-failures', '2').stdout.strip()
+    result = taskfarm(live_server, 'work', run, '--', 'sh', '-c', '[ {} -ge 2 ]')
+    assert result.returncode == 1
+    assert 'is stopped: 2 tasks failed' in result.stderr
+    info = client.run_info(run)
+    assert (info['stopped'], info['numFailed'], info['numComputing']) == (True, 2, 0)
+    assert info['numWaiting'] > 0          # never handed out after the stop
+    info_lines = taskfarm(live_server, 'info', run).stdout
+    assert re.search(r'^stopped\s+yes: 2 failed, maxFailures 2', info_lines, re.M)
+
+    assert taskfarm(live_server, 'restart', run, '--status', 'failed').returncode == 0
+    again = taskfarm(live_server, 'work', run, '--', 'true')
+    assert again.returncode == 0, again.stderr
+    info = client.run_info(run)
+    assert (info['stopped'], info['numDone']) == (False, 300)
+
+
+def finished_run(client: Client, size: int, failed: Sequence[int]) -> str:
+    """A run whose tasks are all done but `failed`, through a batch claim and report."""
+    run = client.create_run(size)['uuid']
+    client.register_worker('w1', 'node1', 1)
+    client.claim_tasks(run, 'w1', size)
+    client.report(run, 'w1', [
+        {'task': n, 'status': 'failed', 'exitCode': 7, 'message': f'task {n} broke\nat line 2'}
+        if n in failed else {'task': n, 'status': 'done', 'percentCompleted': 100}
+        for n in range(size)])
+    return run
+
+
+def statuses(client: Client, run: str, size: int) -> list[str]:
+    return [client.task_info(run, n, 'status') for n in range(size)]
+
+
+def test_restart_of_failed_tasks_and_of_chosen_ranges_restarts_exactly_those(
+        live_server, client):
+    run = finished_run(client, 12, failed=(0, 1))
+    assert taskfarm(live_server, 'restart', run, '--status', 'failed').returncode == 0
+    assert statuses(client, run, 12) == ['waiting'] * 2 + ['done'] * 10
+    assert client.task_info(run, 4, 'percentCompleted') == 100
+
+    assert taskfarm(live_server, 'restart', run, '--tasks', '3-5,9').returncode == 0
+    expected = ['waiting' if n in (0, 1, 3, 4, 5, 9) else 'done' for n in range(12)]
+    assert statuses(client, run, 12) == expected
+    assert client.task_info(run, 4, 'percentCompleted') == 100     # kept without --all
+
+    assert taskfarm(live_server, 'restart', run, '--all', '--tasks', '4').returncode == 0
+    assert client.task_info(run, 4, 'percentCompleted') == 0
+    assert client.task_info(run, 6, 'percentCompleted') == 100
+
+
+def test_tasks_of_status_failed_show_exit_code_failures_and_first_line(live_server, client):
+    run = finished_run(client, 3, failed=(1,))
+    lines = taskfarm(live_server, 'tasks', run, '--status', 'failed').stdout.splitlines()
+    assert len(lines) == 2
+    row = lines[1].split()
+    assert row[:6] == ['1', 'failed', '0.0', '1', '1', '7']
+    assert re.search(r'  node1:1 +task 1 broke$', lines[1])
+
+
+def test_tasks_as_csv_and_json_lines_hold_every_field(live_server, client):
+    run = finished_run(client, 3, failed=(1,))
+    as_csv = taskfarm(live_server, 'tasks', run, '--format', 'csv')
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [(r['task'], r['status'], r['exitCode'], r['failures']) for r in rows] == [
+        ('0', 'done', '', '0'), ('1', 'failed', '7', '1'), ('2', 'done', '', '0')]
+    assert rows[1]['message'] == 'task 1 broke\nat line 2'
+    assert rows[1]['hostname'] == 'node1' and rows[1]['worker'] == 'w1'
+    as_json = taskfarm(live_server, 'tasks', run, '--format', 'json').stdout.splitlines()
+    assert [json.loads(line) for line in as_json] == list(client.iter_tasks(run))
+
+
+# Started from a small Python, which reports its child's peak memory: the
+# kernel counts in a child's peak the memory of the process it was forked
+# from, here pytest's.
+MEASURE_PEAK = ('import os, sys; pid = os.posix_spawn(sys.executable, sys.argv, os.environ); '
+                '_, status, usage = os.wait4(pid, 0); '
+                'print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, file=sys.stderr)')
+
+
+def peak_rss_kib(*args: str, env: dict, stdout: IO) -> tuple[int, int]:
+    """Run `taskfarm ARGS`; its exit status and its peak resident memory (KiB)."""
+    measured = subprocess.run(
+        [sys.executable, '-c', MEASURE_PEAK, str(CLIENT), *args], env=env,
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True,
+        timeout=BIG_RUN_TIMEOUT, check=True)
+    status, peak = measured.stderr.split()[-2:]
+    return int(status), int(peak)
+
+
+def test_csv_export_of_a_big_run_streams_in_the_memory_of_a_page(
+        live_server, client, tmp_path):
+    size = 100_000
+    run = client.create_run(size)['uuid']
+    client.register_worker('w1', 'node1', 1)
+    for _ in range(size // 1000):          # every task gets a row, fast
+        client.claim_tasks(run, 'w1', 1000)
+    listing = tmp_path / 'tasks.csv'
+    with listing.open('w') as out:
+        status, peak = peak_rss_kib('tasks', run, '--format', 'csv', env=cli_env(live_server),
+                                    stdout=out)
+    assert status == 0
+    with listing.open() as written:
+        assert sum(1 for _ in written) == size + 1
+    # Python and a page take some 30 MiB; the whole listing in memory, over 130.
+    assert peak < 60 * 1024, f'peak {peak} KiB'
+
+
+@pytest.mark.parametrize('args, words', [
+    (['restart', UNKNOWN_RUN, '--tasks', '5-3'], 'ends before it starts'),
+    (['restart', UNKNOWN_RUN, '--tasks', '3, 5'], 'bad --tasks'),
+    (['work', UNKNOWN_RUN, '--time-limit', '10x', '--', 'true'], 'bad --time-limit'),
+    (['work', UNKNOWN_RUN, '--time-limit', '0s', '--', 'true'], 'must be more than 0'),
+    (['work', UNKNOWN_RUN, '--stop-after', 'soon', '--', 'true'], 'bad --stop-after'),
+    (['work', UNKNOWN_RUN, '--stop-at', '25:99', '--', 'true'], 'bad --stop-at'),
+    (['work', UNKNOWN_RUN, '--final-exit', '2,x', '--', 'true'], 'bad --final-exit')])
+def test_bad_ranges_durations_and_codes_are_one_line(live_server, args, words):
+    result = taskfarm(live_server, *args)
+    assert result.returncode == 1
+    assert words in one_line(result.stderr)
+
+
+def test_range_outside_the_run_is_the_servers_one_line(live_server, client):
+    run = client.create_run(10)['uuid']
+    result = taskfarm(live_server, 'restart', run, '--tasks', '3-12')
+    assert result.returncode == 1
+    assert 'task 12' in one_line(result.stderr)
 
 
 # ---------------------------------------------------------------------------
