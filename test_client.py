@@ -139,10 +139,11 @@ def spawn(live_server):
     """Start `taskfarm ARGS` in the background; stopped at the end if still running."""
     started: list[subprocess.Popen] = []
 
-    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    def start(*args: str, env: dict | None = None,
+              stdout: IO | int = subprocess.PIPE) -> subprocess.Popen:
         process = subprocess.Popen(
             [sys.executable, str(CLIENT), *args], env=env or cli_env(live_server),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
             text=True)
         started.append(process)
         return process
@@ -789,6 +790,212 @@ def test_range_outside_the_run_is_the_servers_one_line(live_server, client):
     result = taskfarm(live_server, 'restart', run, '--tasks', '3-12')
     assert result.returncode == 1
     assert 'task 12' in one_line(result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Inputs and batch allocations (issue 13)
+
+INPUTS_RUN_SIZE = 100_000
+INPUTS_RUN_TIMEOUT = 300   # 10^5 processes on a small, shared machine
+
+
+def text_input(n: int) -> str:
+    return f'frame {n} ünï {{}} ' + 'x' * (n % 40)    # `{}` in an input stays as it is
+
+
+def work_in_two_workers(spawn, run: str, tmp_path: Path, *command: str) -> Counter:
+    """Two `taskfarm work -j 2` on the run; the lines they wrote, counted."""
+    outputs = [tmp_path / f'worker{n}.out' for n in range(2)]
+    workers = []
+    for output in outputs:
+        with output.open('w') as out:     # a file: a full pipe would stall a worker
+            workers.append(spawn('work', run, '-j', '2', '--', *command, stdout=out))
+    errors = [finish(worker, INPUTS_RUN_TIMEOUT)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], errors
+    return Counter(line for output in outputs for line in output.read_text().splitlines())
+
+
+def test_run_from_a_file_of_lines_hands_each_task_its_own_line_once(
+        live_server, client, spawn, tmp_path):
+    lines = [text_input(n) for n in range(INPUTS_RUN_SIZE)]
+    inputs = tmp_path / 'inputs.txt'
+    inputs.write_text(''.join(line + '\n' for line in lines))
+    created = taskfarm(live_server, 'create', '--inputs', str(inputs), '--timeout', '60',
+                       timeout=BIG_RUN_TIMEOUT)
+    assert created.returncode == 0, created.stderr
+    run = created.stdout.strip()
+    info = client.run_info(run)
+    assert (info['numTasks'], info['inputs'], info['inputsMissing']) == (
+        INPUTS_RUN_SIZE, 'text', 0)
+
+    seen = work_in_two_workers(spawn, run, tmp_path, 'echo', '{}', '{input}')
+    assert seen == Counter(f'{n} {line}' for n, line in enumerate(lines))
+    assert client.run_info(run, 'numDone') == INPUTS_RUN_SIZE
+
+
+def test_run_from_json_lines_hands_each_task_its_own_value_once(
+        live_server, client, spawn, tmp_path):
+    size = INPUTS_RUN_SIZE // 10
+    values = [{'n': n, 'name': f'item {n}', 'tags': ['a', n % 3]} for n in range(size)]
+    inputs = tmp_path / 'inputs.jsonl'
+    inputs.write_text(''.join(json.dumps(value) + '\n' for value in values))
+    run = taskfarm(live_server, 'create', '--inputs-json', str(inputs)).stdout.strip()
+    assert client.run_info(run)['inputs'] == 'json'
+    assert client.task_info(run, 7)['input'] == values[7]
+
+    seen = work_in_two_workers(spawn, run, tmp_path, 'echo', '{}', '{input}')
+    assert seen == Counter(f'{n} {json.dumps(value, separators=(",", ":"))}'
+                           for n, value in enumerate(values))
+
+
+def test_input_reaches_the_command_in_its_environment_and_on_stdin(
+        live_server, client, tmp_path):
+    inputs = tmp_path / 'inputs.json'
+    inputs.write_text('["plain", {"k": "v w"}, [1, 2]]')     # one JSON array
+    run = taskfarm(live_server, 'create', '--inputs-json', str(inputs)).stdout.strip()
+    result = taskfarm(live_server, 'work', run, '--stdin', '--',
+                      'sh', '-c', 'read line; echo "{}|$line|$TASKFARM_INPUT"')
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == [
+        '0|"plain"|"plain"', '1|{"k":"v w"}|{"k":"v w"}', '2|[1,2]|[1,2]']
+
+
+
+def test_inputs_from_stdin(live_server, client):
+    created = subprocess.run(
+        [sys.executable, str(CLIENT), 'create', '--inputs', '-'], env=cli_env(live_server),
+        input='a b\nc\n', capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert created.returncode == 0, created.stderr
+    run = created.stdout.strip()
+    assert [client.task_info(run, n)['input'] for n in range(2)] == ['a b', 'c']
+
+
+@pytest.mark.parametrize('option, content, words', [
+    ('--inputs', b'', 'holds no input (it is empty)'),
+    ('--inputs', b'ok\n' + b'x' * 4097 + b'\n', 'line 2: longer than 4096 characters'),
+    ('--inputs', 'ü'.encode() * 4097, 'line 1: longer than 4096 characters'),
+    ('--inputs', b'a\x00b\n', 'line 1: holds a NUL character'),
+    ('--inputs', b'ok\ncaf\xe9\n', 'line 2: not UTF-8'),
+    ('--inputs-json', b'{"a": 1}\n\n{"a": 2,}\n', 'line 3: invalid JSON'),
+    ('--inputs-json', b'1\nNaN\n', 'line 2: invalid JSON'),
+    ('--inputs-json', b'[1,\n 2,\n oops]\n', 'line 3: invalid JSON'),
+    ('--inputs-json', b'"' + b'x' * 4095 + b'"\n', 'input 1 is longer than 4096 characters'),
+    ('--inputs-json', b'\n  \n', 'holds no input')])
+def test_bad_input_file_is_one_line_and_leaves_nothing(
+        live_server, client, tmp_path, option, content, words):
+    inputs = tmp_path / 'inputs'
+    inputs.write_bytes(content)
+    result = taskfarm(live_server, 'create', option, str(inputs))
+    assert result.returncode == 1
+    assert words in one_line(result.stderr)
+    assert client.runs() == []
+
+
+def test_input_file_with_too_many_lines_is_one_line_and_leaves_nothing(
+        live_server, client, tmp_path):
+    inputs = tmp_path / 'inputs.txt'
+    inputs.write_text('x\n' * 1_000_001)
+    result = taskfarm(live_server, 'create', '--inputs', str(inputs))
+    assert result.returncode == 1
+    assert 'more than 1000000 inputs' in one_line(result.stderr)
+    assert client.runs() == []
+
+
+def test_missing_input_file_and_count_that_does_not_match_are_one_line(
+        live_server, client, tmp_path):
+    missing = taskfarm(live_server, 'create', '--inputs', str(tmp_path / 'nothing'))
+    assert missing.returncode == 1 and 'cannot read' in one_line(missing.stderr)
+    inputs = tmp_path / 'inputs.txt'
+    inputs.write_text('a\nb\n')
+    wrong = taskfarm(live_server, 'create', '3', '--inputs', str(inputs))
+    assert wrong.returncode == 1 and 'holds 2 inputs, not the 3' in one_line(wrong.stderr)
+    assert client.runs() == []
+
+
+def test_input_placeholder_for_a_run_without_inputs_is_one_line_and_registers_nothing(
+        live_server, client):
+    run = client.create_run(3)['uuid']
+    for args in (['--', 'echo', 'x{input}'], ['--stdin', '--', 'cat']):
+        result = taskfarm(live_server, 'work', run, *args)
+        assert result.returncode == 1
+        assert 'has no inputs' in one_line(result.stderr)
+    assert client.workers() == []
+    assert client.run_info(run, 'numWaiting') == 3
+
+
+def test_interrupted_upload_deletes_the_run(live_server, client, spawn, tmp_path):
+    inputs = tmp_path / 'inputs.txt'
+    inputs.write_text('some input line\n' * 1_000_000)
+    creator = spawn('create', '--inputs', str(inputs))
+    wait_for(client.runs, 'the run to be created', timeout=BIG_RUN_TIMEOUT)
+    creator.send_signal(signal.SIGINT)
+    _, stderr = finish(creator)
+    assert creator.returncode == 128 + signal.SIGINT, stderr
+    assert client.runs() == []
+
+
+def test_stop_after_makes_a_worker_stop_claiming_while_the_run_goes_on(
+        live_server, client, spawn, tmp_path):
+    run = client.create_run(30, timeout=60)['uuid']
+    other = spawn('work', run, '--', 'sleep', '0.1')
+    stopping = taskfarm(live_server, 'work', run, '--stop-after', '1s', '--', 'sleep', '0.1')
+
+    assert stopping.returncode == 0, stopping.stderr
+    assert 'taking no more tasks' in stopping.stderr
+    done_by_it = int(re.search(r'(\d+) done', stopping.stderr)[1])
+    assert 0 < done_by_it < 30
+    assert other.poll() is None or client.run_info(run, 'numDone') == 30
+    _, stderr = finish(other)
+    assert other.returncode == 0, stderr
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing']) == (30, 0)
+
+
+def test_worker_takes_no_task_it_has_no_time_left_for(live_server, client):
+    run = client.create_run(5, timeout=60)['uuid']
+    result = taskfarm(live_server, 'work', run, '--stop-after', '1.5s', '--', 'sleep', '1')
+    assert result.returncode == 0, result.stderr
+    assert 'less than a typical task (1s)' in result.stderr
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing'], info['numWaiting']) == (1, 0, 4)
+
+
+def test_max_tasks_stops_after_that_many(live_server, client):
+    run = client.create_run(10)['uuid']
+    result = taskfarm(live_server, 'work', run, '--max-tasks', '3', '-j', '2', '--', 'true')
+    assert result.returncode == 0, result.stderr
+    info = client.run_info(run)
+    assert (info['numDone'], info['numComputing'], info['numWaiting']) == (3, 0, 7)
+
+
+def test_jobs_auto_runs_one_task_per_core(live_server, client, spawn, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    run = client.create_run(cores + 2)['uuid']
+    gate = tmp_path / 'gate'
+    os.mkfifo(gate)
+    command = f'if [ {{}} -lt {cores} ]; then touch {tmp_path}/started.{{}}; read x < {gate}; fi'
+    worker = spawn('work', run, '-j', 'auto', '--', 'sh', '-c', f'{command}; true')
+    wait_for(lambda: len(list(tmp_path.glob('started.*'))) == cores, 'a task on every core')
+    assert client.run_info(run, 'numComputing') == cores
+    release(gate)
+    _, stderr = finish(worker)
+    assert worker.returncode == 0, stderr
+    assert client.run_info(run, 'numDone') == cores + 2
+
+
+# ---------------------------------------------------------------------------
+# Pace (issue 15)
+
+
+def test_info_shows_the_pace_and_an_eta(live_server, client):
+    run = client.create_run(10)['uuid']
+    client.register_worker('w1', 'node1', 1)
+    client.claim_tasks(run, 'w1', 4)
+    client.report(run, 'w1', [{'task': n, 'status': 'done'} for n in range(4)])
+    lines = taskfarm(live_server, 'info', run).stdout
+    # Four done in a run younger than a minute: measured over a minute.
+    assert re.search(r'^pace\s+4\.0 done/min \(recent\)$', lines, re.M), lines
+    assert re.search(r'^eta\s+1m30s$', lines, re.M), lines
 
 
 # ---------------------------------------------------------------------------
