@@ -983,6 +983,59 @@ def test_jobs_auto_runs_one_task_per_core(live_server, client, spawn, tmp_path):
     assert client.run_info(run, 'numDone') == cores + 2
 
 
+FAKE_SRUN = """#!/bin/sh
+# Slurm's srun on one machine: its command once per "node" ($FAKE_NODES),
+# with the variables srun sets; it fails if one fails.
+while [ "${1#-}" != "$1" ]; do shift; done      # srun's own options
+pids= node=0
+while [ "$node" -lt "$FAKE_NODES" ]; do
+    SLURM_PROCID=$node SLURM_NODEID=$node SLURM_NNODES=$FAKE_NODES SLURM_JOB_ID=4242 "$@" &
+    pids="$pids $!" node=$((node + 1))
+done
+status=0
+for pid in $pids; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def readme_block(marker: str) -> str:
+    """The README's shell block that holds `marker`."""
+    blocks = re.findall(r'```sh\n(.*?)```', CLIENT.with_name('README.md').read_text(), re.S)
+    return next(block for block in blocks if marker in block)
+
+
+def executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def test_readme_slurm_script_runs_a_worker_per_node(live_server, client, tmp_path):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    executable(bin_dir / 'srun', FAKE_SRUN)
+    executable(bin_dir / 'taskfarm', f'#!/bin/sh\nexec {sys.executable} {CLIENT} "$@"\n')
+    executable(tmp_path / 'farm.sh', readme_block('#SBATCH'))
+    executable(tmp_path / 'process.sh',
+               f'#!/bin/sh\necho "$SLURM_PROCID $TASKFARM_TASK $1" >> {tmp_path}/out.txt\n')
+    (tmp_path / 'cases.txt').write_text(''.join(f'case{n}\n' for n in range(8)))
+    run = taskfarm(live_server, 'create', '--inputs', str(tmp_path / 'cases.txt'),
+                   '--timeout', '60').stdout.strip()
+    env = cli_env(live_server, RUN=run, FAKE_NODES='2',
+                  PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+
+    job = subprocess.run(['bash', str(tmp_path / 'farm.sh')], cwd=tmp_path, env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=COMMAND_TIMEOUT)
+
+    assert job.returncode == 0, job.stderr
+    lines = [line.split() for line in (tmp_path / 'out.txt').read_text().splitlines()]
+    assert sorted((int(task), case) for _, task, case in lines) == [
+        (n, f'case{n}') for n in range(8)]
+    assert {node for node, _, _ in lines} <= {'0', '1'}
+    assert len({worker['pid'] for worker in client.workers()}) == 2
+    assert client.run_info(run, 'numDone') == 8
+
+
 # ---------------------------------------------------------------------------
 # Pace (issue 15)
 
