@@ -7,10 +7,13 @@
 -- from the run's 8 `run_frontier` rows: row s hands out s, s + 8, s + 16, ...
 -- so that up to 8 hand-outs of one run never wait on each other.
 --
--- `run_stats` keeps the counts per run, split over 8 slots (task % 8) so that
--- concurrent progress updates rarely wait on the same row. Triggers keep them
--- true on every insert and update of a task, so reading a run's status never
--- scans its tasks. Tasks are deleted only with their run (and its stats).
+-- `run_stats` keeps the counts per run, split over 8 slots so that concurrent
+-- updates rarely wait on the same row; a run's counts are the sums of its
+-- slots. Triggers keep them true on every insert and update of a task, so
+-- reading a run's status never scans its tasks. On PostgreSQL a connection
+-- adds to one slot (its backend pid % 8), whatever the tasks: a transaction
+-- then locks one stats row of a run, and two transactions cannot deadlock
+-- over them. Tasks are deleted only with their run (and its stats).
 -- The same triggers stop a run whose failed tasks reach its maxFailures.
 --
 -- `attempts` keeps every attempt of a task that did not end done (failed,
@@ -174,13 +177,13 @@ BEGIN
     UPDATE run_stats s SET
         computing = s.computing + d.computing, done = s.done + d.done,
         failed = s.failed + d.failed, micropercent = s.micropercent + d.micropercent
-    FROM (SELECT run_id, task % 8 AS slot,
+    FROM (SELECT run_id,
                  count(*) FILTER (WHERE status = 'computing') AS computing,
                  count(*) FILTER (WHERE status = 'done') AS done,
                  count(*) FILTER (WHERE status = 'failed') AS failed,
                  sum(CAST(round(percent * 1000000) AS bigint)) AS micropercent
-          FROM new_rows GROUP BY 1, 2) d
-    WHERE s.run_id = d.run_id AND s.slot = d.slot;
+          FROM new_rows GROUP BY 1) d
+    WHERE s.run_id = d.run_id AND s.slot = pg_backend_pid() % 8;
     PERFORM stop_failing_runs(ARRAY(
         SELECT DISTINCT run_id FROM new_rows WHERE status = 'failed'));
     RETURN NULL;
@@ -191,7 +194,7 @@ BEGIN
     UPDATE run_stats s SET
         computing = s.computing + d.computing, done = s.done + d.done,
         failed = s.failed + d.failed, micropercent = s.micropercent + d.micropercent
-    FROM (SELECT n.run_id, n.task % 8 AS slot,
+    FROM (SELECT n.run_id,
                  count(*) FILTER (WHERE n.status = 'computing')
                  - count(*) FILTER (WHERE o.status = 'computing') AS computing,
                  count(*) FILTER (WHERE n.status = 'done')
@@ -202,8 +205,8 @@ BEGIN
                      - CAST(round(o.percent * 1000000) AS bigint)) AS micropercent
           FROM new_rows n JOIN old_rows o ON o.id = n.id
           WHERE n.status <> o.status OR n.percent <> o.percent
-          GROUP BY 1, 2) d
-    WHERE s.run_id = d.run_id AND s.slot = d.slot;
+          GROUP BY 1) d
+    WHERE s.run_id = d.run_id AND s.slot = pg_backend_pid() % 8;
     PERFORM stop_failing_runs(ARRAY(
         SELECT DISTINCT n.run_id FROM new_rows n JOIN old_rows o ON o.id = n.id
         WHERE n.status = 'failed' AND o.status <> 'failed'));

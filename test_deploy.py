@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -956,3 +957,39 @@ def test_failover_to_a_synchronous_standby_answers_503_meanwhile_and_loses_nothi
            f'{len(tally.reported)} done reports answered, none lost; {len(tally.seen)} '
            f'hand-outs, none twice; {len(stranded)} tasks left computing by hand-outs '
            f'whose answer was a 503')
+
+
+# ---------------------------------------------------------------------------
+# The image: what the Dockerfile copies is all the server needs.
+
+
+def dockerfile_copies() -> list[str]:
+    """The files the Dockerfile's COPY line puts into the image."""
+    text = (HERE / 'Dockerfile').read_text()
+    lines = [line.split()[1:-1] for line in text.splitlines() if line.startswith('COPY ')]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_the_image_gets_every_file_the_server_and_admin_need(tmp_path):
+    """pip install (as the Dockerfile does) of exactly the files it copies; then
+    the admin command sets up a database and the app starts on it."""
+    source, prefix = tmp_path / 'app', tmp_path / 'prefix'
+    source.mkdir()
+    for name in dockerfile_copies():
+        shutil.copy(HERE / name, source / name)
+    modules = re.search(r'py-modules = \[(.*?)\]', (HERE / 'pyproject.toml').read_text())
+    assert {f'{name.strip(chr(34))}.py' for name in modules[1].split(', ')} <= set(
+        dockerfile_copies())
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                    '--prefix', str(prefix), str(source)],
+                   check=True, timeout=300, capture_output=True)
+    site = next(prefix.glob('lib/python*/site-packages'))
+    env = {**os.environ, 'PYTHONPATH': str(site), 'DATABASE_URL': f'sqlite:///{tmp_path}/x.db'}
+    check = ('import admin, taskfarm; admin.main(["init-db"]); '
+             'print(taskfarm.get_app() is not None, taskfarm.__file__)')
+    done = subprocess.run([sys.executable, '-c', check], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:2] == ['database', 'ready'], done.stdout
+    assert done.stdout.split()[2] == 'True' and str(site) in done.stdout, done.stdout

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import glob
 import http.client
+import itertools
 import json
 import os
 import pwd
@@ -244,10 +245,14 @@ def answered(api: Api, method: str, path: str, body: Any, tally: Tally, deadline
         time.sleep(0.05)    # the server is busy or restarting: poll until the deadline
 
 
-def drain(api: Api, run: str, tally: Tally, deadline: float, survive_drops: bool = False) -> None:
+def drain(api: Api, run: str, tally: Tally, deadline: float, survive_drops: bool = False,
+          in_batches: bool = False) -> None:
     """Be a worker: take tasks and finish each one until nothing waits."""
     try:
-        work(api, run, tally, deadline, survive_drops)
+        if in_batches:
+            work_in_batches(api, run, tally, deadline, survive_drops)
+        else:
+            work(api, run, tally, deadline, survive_drops)
     finally:
         tally.count('stopped')
 
@@ -270,14 +275,45 @@ def work(api: Api, run: str, tally: Tally, deadline: float, survive_drops: bool)
         assert reply.status == 204, reply
 
 
+BATCH_SIZES = (1, 7, 50, 3, 100)     # claimed in turn by a worker that claims in batches
+
+
+def work_in_batches(api: Api, run: str, tally: Tally, deadline: float,
+                    survive_drops: bool) -> None:
+    """Claim batches of mixed sizes, reporting the last batch done with each claim.
+
+    Every claim has a requestId of its own and is sent again as it was after
+    a lost answer: the repeat gets that claim's tasks, never more.
+    """
+    worker = uuid4().hex
+    registration = {'uuid': worker, 'hostname': 'batchhost', 'pid': os.getpid()}
+    reply = answered(api, 'POST', 'worker', registration, tally, deadline, survive_drops)
+    assert reply.status == 201, reply
+    finished: list[int] = []
+    for count in itertools.cycle(BATCH_SIZES):
+        body = {'worker_uuid': worker, 'count': count, 'requestId': uuid4().hex,
+                'updates': [{'task': task, **DONE} for task in finished]}
+        reply = answered(api, 'POST', f'runs/{run}/tasks/claim', body, tally, deadline,
+                         survive_drops)
+        assert reply.status == 200, reply
+        assert [u['result'] for u in reply.body['updates']] == ['ok'] * len(finished), reply
+        finished = [task['task'] for task in reply.body['data']]
+        tally.handed_out.extend(finished)
+        if not finished:
+            return
+
+
 def drain_in_parallel(urls: list[str], api: Api, run: str, tally: Tally, seconds: float,
                       survive_drops: bool = False,
-                      meanwhile: Callable[[], None] | None = None) -> None:
-    """One worker thread per url, each on its own keep-alive connection."""
+                      meanwhile: Callable[[], None] | None = None,
+                      batches: bool = False) -> None:
+    """One worker thread per url, each on its own keep-alive connection; with
+    batches, every other worker claims in batches."""
     deadline = time.monotonic() + seconds
     with ThreadPoolExecutor(max_workers=len(urls)) as pool:
-        futures = [pool.submit(drain, api.to(url), run, tally, deadline, survive_drops)
-                   for url in urls]
+        futures = [pool.submit(drain, api.to(url), run, tally, deadline, survive_drops,
+                               batches and n % 2 == 1)
+                   for n, url in enumerate(urls)]
         if meanwhile is not None:
             meanwhile()
         for future in futures:
@@ -297,14 +333,15 @@ def assert_each_handed_out_once(handed_out: list[int], expected: set[int]) -> No
 
 
 def test_handout_gives_each_task_to_one_worker_across_two_servers(database_url, servers):
-    num_tasks = 3000 if is_postgresql(database_url) else 1500
-    pair = [servers(), servers()]
+    """Single and batch hand-outs at once, on two servers of two processes each."""
+    num_tasks = 6000 if is_postgresql(database_url) else 3000
+    pair = [servers(workers=2), servers(workers=2)]
     api = token_api(pair[0])
     run = create_run(api, num_tasks)
     tally = Tally()
 
     urls = [pair[i % 2].url for i in range(LOAD_WORKERS)]
-    drain_in_parallel(urls, api, run, tally, seconds=60)
+    drain_in_parallel(urls, api, run, tally, seconds=90, batches=True)
 
     assert_each_handed_out_once(tally.handed_out, set(range(num_tasks)))
     assert_run_complete(api, run, num_tasks)
@@ -461,12 +498,13 @@ def test_server_killed_under_load_loses_no_task_and_gives_none_twice(database_ur
             alive[0] = servers(port=api.port)   # same address: workers just reconnect
 
     drain_in_parallel([alive[0].url] * LOAD_WORKERS, api, run, tally, seconds=60,
-                      survive_drops=True, meanwhile=kill_and_restart_twice)
+                      survive_drops=True, meanwhile=kill_and_restart_twice, batches=True)
     assert tally.unanswered > 0, 'the kills should have cut requests in flight'
     api.close()     # its connection went down with the first killed server
 
     # Every answer the workers got named a different task, and each is done.
-    # A hand-out the killed server made but never answered stays computing.
+    # A single hand-out the killed server made but never answered stays
+    # computing; a batch claim repeated with its requestId got its tasks back.
     done = tasks_with_status(api, run, 'done')
     computing = tasks_with_status(api, run, 'computing')
     assert_each_handed_out_once(tally.handed_out, set(done))
@@ -499,7 +537,8 @@ print("released", flush=True)
 
 
 def test_run_deleted_while_workers_take_its_tasks_is_gone_without_a_5xx(database_url, servers):
-    """A delete races 32 workers claiming tasks: 204, and they see 201 or 404."""
+    """A delete races 32 workers claiming tasks, single or in batches: 204, and
+    they see their tasks or 404, never a 5xx."""
     server = servers(workers=2)
     owner = token_api(server)
     run = create_run(owner, 10**6)
@@ -507,18 +546,21 @@ def test_run_deleted_while_workers_take_its_tasks_is_gone_without_a_5xx(database
     started = threading.Event()
     stop = time.monotonic() + 60
 
-    def worker() -> None:
+    def worker(in_batches: bool) -> None:
         api = owner.to(server.url)
         me = register_worker(api)
+        path, body = f'runs/{run}/task', {'worker_uuid': me}
+        if in_batches:
+            path, body = f'runs/{run}/tasks/claim', {'worker_uuid': me, 'count': 20}
         while time.monotonic() < stop:
-            reply = api.call('POST', f'runs/{run}/task', {'worker_uuid': me})
+            reply = api.call('POST', path, body)
             seen.append(reply.status)
             started.set()
             if reply.status == 404:
                 return
         api.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(32)]
+    threads = [threading.Thread(target=worker, args=(n % 2 == 1,)) for n in range(32)]
     for thread in threads:
         thread.start()
     assert started.wait(timeout=10)
@@ -527,7 +569,7 @@ def test_run_deleted_while_workers_take_its_tasks_is_gone_without_a_5xx(database
     for thread in threads:
         thread.join(timeout=40)
         assert not thread.is_alive()
-    assert set(seen) <= {201, 204, 404}, sorted(set(seen))
+    assert set(seen) <= {200, 201, 204, 404}, sorted(set(seen))
     assert seen.count(404) == 32
     assert owner.call('GET', f'runs/{run}').status == 404
 
@@ -651,6 +693,10 @@ class ThrowawayPostgres:
     def stop(self, mode: str = 'fast') -> None:
         self.pg_ctl('-m', mode, 'stop')
 
+    def restart(self, mode: str = 'fast') -> None:
+        """Stop and start again, with the options of the last start."""
+        self.pg_ctl('-l', f'{self.directory}/log', '-m', mode, 'restart')
+
 
 def cluster_owner() -> tuple[list[str], int, int]:
     """How to run initdb, which refuses root: as the postgres user when we are root."""
@@ -722,6 +768,46 @@ def test_database_outage_answers_503_and_the_server_recovers_by_itself(
     info = run_info(api, run)
     assert (info['numDone'], info['numComputing'], info['numWaiting']) == (1, 1, 3)
     assert server.process.poll() is None
+    assert 'Traceback' not in ''.join(server.output)
+
+
+def test_postgresql_restarts_under_load_cost_original_workers_nothing(throwaway_postgres,
+                                                                      launch):
+    """PostgreSQL restarted three times (immediate mode) while the original client's
+    workers, which never retry a hand-out, work: the server rides each
+    restart out, so no worker dies and no task is handed out twice."""
+    from taskfarm_worker import TaskFarm, TaskFarmWorker
+
+    server = launch(throwaway_postgres.url, workers=2, env={'TASKFARM_DB_TIMEOUT': '20'})
+    num_tasks, workers = 900, 8
+    run = TaskFarm(server.user, server.password, numTasks=num_tasks, url_base=server.api)
+    handed: list[int] = []
+    errors: list[str] = []
+
+    def original_worker() -> None:
+        try:
+            worker = TaskFarmWorker(server.user, server.password, run.uuid,
+                                    url_base=server.api)
+            for task in worker.tasks:
+                handed.append(task)
+                worker.update(100)
+                worker.done()
+        except Exception as e:     # a dead worker is what this test looks for
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=original_worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for share in (0.25, 0.5, 0.75):
+        wait_until(lambda n=num_tasks * share: len(handed) >= n or errors, 60,
+                   f'{share:.0%} of the tasks handed out')
+        throwaway_postgres.restart('immediate')
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    assert errors == []
+    assert_each_handed_out_once(handed, set(range(num_tasks)))
+    assert (run.numDone, run.numComputing, run.numWaiting) == (num_tasks, 0, 0)
     assert 'Traceback' not in ''.join(server.output)
 
 
