@@ -1416,7 +1416,9 @@ class WorkPool:
                 if status is not None:
                     self._release(task)
                 continue
-            if task not in self._warned:
+            # A put-back or failure report sent twice finds the task gone
+            # the second time (back to waiting): only the others are news.
+            if status not in ('waiting', 'failed') and task not in self._warned:
                 self._warned.add(task)
                 self._say(f'taskfarm: task {task}: another worker holds it now (this lease '
                           'ran out); leaving it to them\n')
@@ -2146,8 +2148,16 @@ def create_with_inputs(client: Client, args: argparse.Namespace, settings: dict)
         if args.num_tasks is not None and args.num_tasks != count:
             raise InputError(f'{path} holds {count} inputs, not the {args.num_tasks} '
                              'tasks asked for')
-        run = create(client, count, settings, inputs=kind)
+        # Ctrl-C waits until the run is known, so that it can be deleted.
+        stopping = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
         try:
+            run = create(client, count, settings, inputs=kind)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)   # a Ctrl-C lands here
             upload_inputs(client, run['uuid'], spool)
         except BaseException as exc:
             why = str(exc) if isinstance(exc, TaskfarmError) else 'interrupted'
