@@ -1096,9 +1096,11 @@ class WorkPool:
         for thread in threads:
             thread.start()
         try:
-            while not self._over():
+            while True:
                 self._start_queued()
                 self._send_requests()
+                if self._over():
+                    break
                 self._wait_for_events(self._timeout())
                 self._on_timers()
         finally:

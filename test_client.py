@@ -41,6 +41,8 @@ from taskfarm_client import (
     Unreachable,
     Worker,
     WorkPool,
+    parse_duration,
+    parse_moment,
     parse_progress,
     task_command,
     tfRuns,
@@ -964,6 +966,31 @@ def test_worker_takes_no_task_it_has_no_time_left_for(live_server, client):
                      result.stderr), result.stderr
     info = client.run_info(run)
     assert (info['numDone'], info['numComputing'], info['numWaiting']) == (1, 0, 4)
+
+
+def test_stop_at_a_time_gone_by_takes_no_task(live_server, client):
+    run = client.create_run(3)['uuid']
+    result = taskfarm(live_server, 'work', run, '--stop-at', f'@{time.time() - 1:.0f}',
+                      '--', 'true')
+    assert result.returncode == 0, result.stderr
+    assert 'taking no more tasks' in result.stderr
+    info = client.run_info(run)
+    assert (info['numWaiting'], info['numComputing']) == (3, 0)
+
+
+@pytest.mark.parametrize('text, seconds', [
+    ('90s', 90), ('10m', 600), ('2h', 7200), ('1h30m', 5400), ('23h30m', 84600),
+    ('1d', 86400), ('1.5s', 1.5), ('45', 45)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text, '--time-limit') == seconds
+
+
+def test_parse_moment():
+    assert parse_moment('@1700000000') == 1_700_000_000
+    assert parse_moment('2026-12-24T18:30Z') == 1_798_137_000
+    assert parse_moment('2026-12-24T18:30+01:00') == 1_798_133_400
+    soon = parse_moment('00:00')     # the next midnight, today's being gone
+    assert 0 < soon - time.time() <= 86400
 
 
 def test_max_tasks_stops_after_that_many(live_server, client):
