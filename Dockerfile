@@ -9,9 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md schema.sql taskfarm.py store.py admin.py dashboard.py taskfarm_client.py ./
-# schema.sql is installed with the modules (into /usr/local/share/taskfarm);
-# the code stays root's, read-only. test_deploy.py installs these same files.
+COPY pyproject.toml README.md schema.sql openapi.json taskfarm.py store.py metrics.py admin.py dashboard.py taskfarm_client.py ./
+# schema.sql and openapi.json are installed with the modules (into
+# /usr/local/share/taskfarm); the code stays root's, read-only.
+# test_deploy.py installs these same files.
 RUN pip install . \
     && groupadd --system --gid 10001 taskfarm \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \

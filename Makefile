@@ -29,9 +29,9 @@ run: init-db
 test: install
 	$(PY) -m pytest
 
-# make bench [BENCH_ARGS='--duration 4 --repeats 3 ...']: see bench.py --help.
+# make bench [BENCH_ARGS='--duration 4 --repeats 3 ...']: see bench/bench.py --help.
 bench: install
-	$(PY) bench.py $(BENCH_ARGS)
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

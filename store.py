@@ -1643,6 +1643,23 @@ class Store:
         return self.db.all(self.DONE_BY_BAR, owner.params(
             run=uuid, start=start, width=width, sample=sample))
 
+    # -- metrics (metrics.py: GET /metrics) ---------------------------------
+
+    # Every user's unfinished runs, newest first, with their counts: one pass
+    # over run_stats (8 rows a run), never over tasks.
+    UNFINISHED_RUNS = f"""
+        SELECT r.uuid, r.num_tasks, {RUN_COUNTS}
+        FROM runs r JOIN run_stats s ON s.run_id = r.id
+        GROUP BY r.id, r.uuid, r.num_tasks
+        HAVING sum(s.done) + sum(s.failed) < r.num_tasks
+        ORDER BY r.id DESC
+        LIMIT :limit
+    """
+
+    def unfinished_runs(self, limit: int) -> list[dict]:
+        """The newest `limit` runs, of any owner, with tasks neither done nor failed:
+        uuid, num_tasks and the computing, done and failed counts."""
+        return self.db.all(self.UNFINISHED_RUNS, {'limit': limit})
 
 
 # Moves a run's frontier past the first :count tasks, for tools that fill a

@@ -34,11 +34,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import falcon
 
 import dashboard
+import metrics
 from store import (
     MAX_INT,
     STATUSES,
@@ -55,6 +57,7 @@ from store import (
     WorkerNotFound,
     WorkerTaken,
     open_database,
+    schema_path,
     valid_text,
 )
 
@@ -75,6 +78,9 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()   # whose X-Forwarded-For is believed
     login_max_failures: int = 5         # failed password checks per name or address...
     login_window: float = 60.0          # ...within this many seconds, then 429 as long
+    metrics_allow: tuple[IPNetwork, ...] = (      # who may GET /metrics by address...
+        ipaddress.ip_network('127.0.0.0/8'), ipaddress.ip_network('::1/128'))
+    metrics_token: str | None = None    # ...or with this bearer token, from anywhere
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Config:
@@ -91,6 +97,9 @@ class Config:
             login_max_failures=int(
                 env.get('TASKFARM_LOGIN_MAX_FAILURES', cls.login_max_failures)),
             login_window=float(env.get('TASKFARM_LOGIN_WINDOW', cls.login_window)),
+            metrics_allow=(trusted_networks(env['TASKFARM_METRICS_ALLOW'])
+                           if 'TASKFARM_METRICS_ALLOW' in env else cls.metrics_allow),
+            metrics_token=env.get('TASKFARM_METRICS_TOKEN') or None,
         )
 
     @property
@@ -937,6 +946,25 @@ class Workers:
         resp.status = falcon.HTTP_204
 
 
+def openapi_path() -> Path:
+    """openapi.json, installed where schema.sql is: beside the modules in a
+    checkout, in <prefix>/share/taskfarm after a plain `pip install`."""
+    return schema_path().with_name('openapi.json')
+
+
+class OpenAPIDocument:
+    """GET /api/openapi.json: the API's OpenAPI 3.1 description, the repository's file."""
+
+    auth_required = False
+
+    def __init__(self) -> None:
+        self.document = openapi_path().read_bytes()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.document
+
+
 class EmptySegments:
     """A path with an empty segment (`/api/runs//task`) is unknown, as any
     unknown run: the router would take the empty uuid and answer 405."""
@@ -978,9 +1006,23 @@ def database_unavailable(req: falcon.Request, resp: falcon.Response, ex: Excepti
 
 def json_errors(req: falcon.Request, resp: falcon.Response,
                 exception: falcon.HTTPError) -> None:
-    """Every error answers JSON, whatever the client accepts."""
+    """Every error answers JSON, whatever the client accepts, and says what was
+    wrong: Falcon's own errors (no such route, a method the route lacks) carry
+    only a title, so they get a description here."""
+    body = exception.to_dict()
+    if 'description' not in body:
+        body['description'] = falcon_error_description(req, exception)
     resp.content_type = falcon.MEDIA_JSON
-    resp.media = exception.to_dict()
+    resp.media = body
+
+
+def falcon_error_description(req: falcon.Request, exception: falcon.HTTPError) -> str:
+    if exception.status_code == 405:
+        allowed = (exception.headers or {}).get('Allow', '')
+        return f'This route does not take {req.method[:20]}; it takes {allowed}.'
+    if exception.status_code == 404:
+        return f'No route {req.path[:200]!r}; the API is described at /api/openapi.json.'
+    return exception.title
 
 
 def load_secret(store: Store, config: Config) -> bytes:
@@ -1001,13 +1043,14 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     """The WSGI app over one store; ConfigError if it cannot serve."""
     config = config or Config()
     secret = load_secret(store, config)
-    app = falcon.App(middleware=[EmptySegments(),
+    figures = metrics.Metrics(store)
+    app = falcon.App(middleware=[metrics.MetricsMiddleware(figures), EmptySegments(),
                                  AuthMiddleware(Authenticator(store, secret, config),
                                                 config.trusted_proxies)])
     app.set_error_serializer(json_errors)
     for error in STORE_ERRORS:
         app.add_error_handler(error, store_error)
-    app.add_error_handler(DatabaseUnavailable, database_unavailable)
+    app.add_error_handler(DatabaseUnavailable, figures.counting(database_unavailable))
 
     run, workers, task = Run(store), Workers(store), Task(store)
     app.add_route('/', Index())
@@ -1026,6 +1069,10 @@ def create_app(store: Store, config: Config | None = None) -> falcon.App:
     app.add_route('/api/worker', workers)
     app.add_route('/api/workers', workers)
     app.add_route('/api/workers/{uuid}/heartbeat', workers, suffix='heartbeat')
+    app.add_route('/api/openapi.json', OpenAPIDocument())
+    app.add_route('/metrics', metrics.MetricsResource(figures, metrics.MetricsAccess(
+        config.metrics_allow, config.metrics_token,
+        lambda req: client_address(req, config.trusted_proxies))))
     dashboard.add_dashboard(app, store, secret, __version__)
     return app
 
@@ -1056,8 +1103,9 @@ def serve(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f'taskfarm-server: {e}')
     workers = args.workers or config.default_processes
-    serve_with_waitress(get_app, args.host, args.port, args.threads, workers,
-                        f'taskfarm {__version__}')
+    with metrics.shared_by(workers):
+        serve_with_waitress(get_app, args.host, args.port, args.threads, workers,
+                            f'taskfarm {__version__}')
 
 
 def check_config(config: Config) -> None:
