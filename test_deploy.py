@@ -981,8 +981,10 @@ def test_the_image_gets_every_file_the_server_and_admin_need(tmp_path):
     modules = re.search(r'py-modules = \[(.*?)\]', (HERE / 'pyproject.toml').read_text())
     assert {f'{name.strip(chr(34))}.py' for name in modules[1].split(', ')} <= set(
         dockerfile_copies())
+    # --ignore-installed: else pip uninstalls the checkout's own editable
+    # install from the test's venv before installing into the prefix.
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
-                    '--prefix', str(prefix), str(source)],
+                    '--ignore-installed', '--prefix', str(prefix), str(source)],
                    check=True, timeout=300, capture_output=True)
     site = next(prefix.glob('lib/python*/site-packages'))
     env = {**os.environ, 'PYTHONPATH': str(site), 'DATABASE_URL': f'sqlite:///{tmp_path}/x.db'}
