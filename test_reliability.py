@@ -1137,3 +1137,89 @@ def test_server_refuses_to_start_without_a_secret(uninitialised_database_url):
             taskfarm.create_app(tf, config)
     finally:
         tf.close()
+
+
+# ---------------------------------------------------------------------------
+# 5. Everything at once: workers and a server SIGKILLed, PostgreSQL restarted.
+
+ORIGINAL_WORKER = """
+import sys
+from taskfarm_worker import TaskFarmWorker
+url, user, password, run = sys.argv[1:5]
+worker = TaskFarmWorker(user, password, run, url_base=url)
+for task in worker.tasks:
+    worker.update(100)
+    worker.done()
+"""
+
+
+def test_workers_and_a_server_killed_and_postgresql_restarted_leave_nothing_behind(
+        throwaway_postgres, launch):
+    """A dozen `taskfarm work` workers (some SIGKILLed every few seconds and
+    replaced) and a few original-client workers on a run with a 3 s lease,
+    on two servers; one server is SIGKILLed and restarted, PostgreSQL is
+    restarted in immediate mode. The run finishes with every task done once
+    more than its lost leases, nothing computing, no original worker dead,
+    and only killed workers' leases ever running out."""
+    env = {'TASKFARM_DB_TIMEOUT': '20'}
+    steady, shaky = launch(throwaway_postgres.url, env=env), launch(throwaway_postgres.url, env=env)
+    api = token_api(steady)
+    num_tasks = 1500
+    run = create_run(api, num_tasks, timeout=3)
+    worker_env = {**os.environ, 'TASKFARM_USER': steady.user,
+                  'TASKFARM_PASSWORD': steady.password, 'TASKFARM_RETRY_SECONDS': '60'}
+
+    def taskfarm_work(server: Any) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / 'taskfarm_client.py'), 'work', run, '-j', '2',
+             '--', 'sleep', '0.05'],
+            env={**worker_env, 'TASKFARM_URL': server.url}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    workers = [taskfarm_work(steady if n % 2 else shaky) for n in range(12)]
+    originals = [subprocess.Popen(
+        [sys.executable, '-c', ORIGINAL_WORKER, steady.api, steady.user, steady.password, run],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)]
+    killed: list[int] = []
+
+    def done() -> int:
+        return run_info(api, run)['numDone']
+
+    def kill_a_worker() -> None:
+        victim = workers.pop(0)
+        victim.kill()
+        victim.wait(timeout=10)
+        killed.append(victim.pid)
+        workers.append(taskfarm_work(steady if len(killed) % 2 else shaky))
+
+    for step, share in enumerate((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)):
+        wait_until(lambda n=num_tasks * share: done() >= n, 90, f'{share:.0%} done')
+        kill_a_worker()
+        if step == 2:
+            shaky.stop(signal.SIGKILL)
+            shaky = launch(throwaway_postgres.url, env=env, port=urllib.parse.urlsplit(
+                shaky.url).port)
+        if step == 4:
+            throwaway_postgres.restart('immediate')
+    wait_until(lambda: done() == num_tasks, 120, 'every task done')
+    for process in workers + originals:
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+    info = run_info(api, run)
+    assert (info['numDone'], info['numComputing'], info['numWaiting'], info['numFailed']) == (
+        num_tasks, 0, 0, 0)
+    # Leases run out only for killed workers' tasks: no live worker was ever
+    # handed a task it did not know it had (its heartbeats would keep it).
+    pids = {w['uuid']: w['pid'] for w in api.call('GET', 'workers').body['data']}
+    retried = [task for task in tasks_with_status(api, run, 'done')
+               if task_info(api, run, task)['attempts'] > 1]
+    lost = [attempt for task in retried
+            for attempt in api.call('GET', f'runs/{run}/tasks/{task}/attempts').body['data']]
+    assert len(lost) == sum(task_info(api, run, task)['attempts'] - 1 for task in retried)
+    assert {attempt['outcome'] for attempt in lost} <= {'lease expired'}
+    assert {pids[attempt['worker']['uuid']] for attempt in lost} <= set(killed)
+    figure = (f'{num_tasks} tasks, {len(killed)} workers killed, one server killed, '
+              f'PostgreSQL restarted: {len(lost)} leases ran out, all of killed workers; '
+              f'0 left computing, 0 original workers dead')
+    print('\n' + figure)
