@@ -101,6 +101,16 @@ def seeded(url: str, password_hashes: dict[str, str]) -> str:
 
 
 @pytest.fixture
+def postgresql_database_url(request: pytest.FixtureRequest, tmp_path: Path,
+                            password_hashes: dict[str, str]) -> str:
+    """A seeded, otherwise empty PostgreSQL database, for PostgreSQL's own
+    behaviour; the test is skipped without one."""
+    if not PG_URL:
+        pytest.skip('PostgreSQL tests need TASKFARM_TEST_DATABASE_URL')
+    return seeded(empty_database_url('postgresql', tmp_path, request), password_hashes)
+
+
+@pytest.fixture
 def config(database_url: str) -> taskfarm.Config:
     return taskfarm.Config(database_url=database_url, secret=SECRET,
                            auth_cache_seconds=60, db_timeout=2)

@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+import store
 import taskfarm
 
 UNKNOWN_RUN = '0' * 32
@@ -524,6 +525,26 @@ def test_batch_report_answers_ok_not_held_or_unknown_task_per_item(alice):
     assert (info['numDone'], info['numComputing'], info['percentDone']) == (1, 2, 12.5)
 
 
+def test_batch_report_of_tasks_far_apart_applies_each_in_order(alice):
+    # Tasks more than REPORT_SPAN apart are reported by a statement per span.
+    run = alice.create_run(5000)['uuid']
+    worker = alice.register_worker()
+    for _ in range(5):
+        alice.claim_tasks(run, worker, count=1000)
+    updates = [{'task': 4999, 'status': 'done'}, {'task': 0, 'status': 'done'},
+               {'task': 4096, 'percentCompleted': 50}, {'task': 5000, 'status': 'done'}]
+    answer = report(alice, run, worker, updates).json
+    assert answer['updates'] == [{'task': 4999, 'result': 'ok'}, {'task': 0, 'result': 'ok'},
+                                 {'task': 4096, 'result': 'ok'},
+                                 {'task': 5000, 'result': 'unknown task'}]
+    handed = alice.claim_tasks(run, worker, updates=[{'task': 1, 'status': 'done'},
+                                                     {'task': 4998, 'status': 'done'}]).json
+    assert handed == {'data': [], 'updates': [{'task': 1, 'result': 'ok'},
+                                              {'task': 4998, 'result': 'ok'}]}
+    info = alice.run_info(run)
+    assert (info['numDone'], info['numComputing'], info['percentDone']) == (4, 4996, 0.01)
+
+
 @pytest.mark.parametrize('updates, where', [
     ([{'task': 0, 'status': 'done'}, {'task': 1, 'status': 'finished'}], 'updates[1]'),
     ([{'task': 0, 'status': 'done'}, {'task': -1, 'status': 'done'}], 'updates[1]'),
@@ -872,6 +893,45 @@ def test_empty_path_segments_are_404(alice):
         for method in ('GET', 'POST'):
             resp = alice.request(path, method=method, expect_errors=True)
             assert resp.status_int == 404 and resp.json['title'], (method, path, resp.status)
+
+
+def test_claims_and_reports_read_only_their_tasks_however_the_table_grew(
+        postgresql_database_url):
+    # Generic plans are made once per connection. Made right after a VACUUM
+    # of an emptied tasks table, they once walked every task of the run on
+    # each claim and report, ever slower as the run went on.
+    tf = store.Store(store.open_database(postgresql_database_url, pool_size=1))  # one plan each
+    try:
+        owner = store.Owner(tf.db.one("SELECT id FROM users WHERE username = 'alice'")['id'],
+                            False)
+        tf.register_worker(owner, 'w1', 'host', 1)
+
+        def work_through(run: str, claims: int) -> None:
+            held: list[dict] = []
+            for _ in range(claims):
+                held = tf.claim(owner, run, 'w1', 100, updates=[
+                    store.Update(task['task'], 100.0, 'done') for task in held]).tasks
+
+        def tasks_read() -> int:
+            """Rows and index entries of tasks read so far."""
+            tf.db.one('SELECT pg_stat_force_next_flush()')  # our own counts, flushed when idle
+            tf.db.one('SELECT pg_stat_clear_snapshot()')
+            return tf.db.one("""
+                SELECT seq_tup_read + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes i
+                                       WHERE i.relid = t.relid) AS n
+                FROM pg_stat_user_tables t WHERE relname = 'tasks'""")['n']
+
+        warm_up = tf.create_run(owner, 1000, timeout=3600)['uuid']
+        work_through(warm_up, 10)           # the statements are prepared
+        tf.delete_run(owner, warm_up)
+        tf.db.execute('VACUUM ANALYZE tasks')   # as autovacuum would: now the table is empty
+        run = tf.create_run(owner, 10**6, timeout=3600)['uuid']
+        work_through(run, 200)              # 20,000 tasks done
+        before = tasks_read()
+        work_through(run, 10)               # 1,000 more, claimed and reported
+        assert tasks_read() - before < 2 * 1000     # not 2*10^4 a claim, as it was
+    finally:
+        tf.close()
 
 
 # ---------------------------------------------------------------------------
