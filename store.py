@@ -1354,6 +1354,7 @@ class Store:
     def list_tasks(self, owner: Owner, run: str, status: str | None = None,
                    after: int = -1, limit: int = 100) -> list[dict]:
         """The tasks that have a row, by number, after `after`."""
+        check_run_uuid(run)
         rows = self.db.all(self.LIST_TASKS, owner.params(
             run=run, status=status, after=after, limit=limit))
         if not rows:

@@ -438,6 +438,7 @@ def test_task_listing_filters_and_pages(alice):
     for bad in ({'limit': 1001}, {'limit': 0}, {'limit': 'x'}, {'status': 'nope'},
                 {'after': '1.5'}):
         alice.get(f'/api/runs/{run}/tasks', bad, status=400)
+    alice.get('/api/runs/%00/tasks', status=404)     # not a run id: no query at all
 
 
 def test_worker_listing_shows_own_workers_and_what_they_hold(alice, bob, root):
