@@ -8,10 +8,15 @@ database there and drops it at the end. Without it they are skipped.
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -317,3 +322,130 @@ def sqlite_database_url(tmp_path: Path, seed_database: Callable[[str], str]) -> 
 def uninitialised_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """sqlite: a new file without tables; PostgreSQL: tables but no stored secret."""
     return empty_database_url(request.param, tmp_path, request)
+
+
+# ---------------------------------------------------------------------------
+# Throwaway PostgreSQL clusters of a test's own, to stop, restart and fail
+# over at will (never the shared one).
+
+
+def postgres_program(name: str) -> str:
+    """A PostgreSQL server program's path; without it the test is skipped, or
+    fails under CI."""
+    found = sorted(glob.glob(f'/usr/lib/postgresql/*/bin/{name}'))
+    path = shutil.which(name) or (found[-1] if found else None)
+    if path is None:
+        why = f'needs {name}: apt-get install postgresql, as .ci/run does'
+        if os.environ.get('CI'):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def cluster_owner() -> tuple[list[str], int, int]:
+    """How to run the cluster programs, which refuse root: as the postgres
+    user when we are root (a command prefix, its uid and gid)."""
+    if os.geteuid() != 0:
+        return [], os.getuid(), os.getgid()
+    try:
+        owner = pwd.getpwnam('postgres')
+    except KeyError:
+        pytest.skip('running as root, and there is no postgres user to own a cluster')
+    runuser = shutil.which('runuser')
+    if runuser is None:
+        pytest.skip('running as root, and there is no runuser to run initdb as postgres')
+    return [runuser, '-u', 'postgres', '--'], owner.pw_uid, owner.pw_gid
+
+
+def run_checked(command: list[str], cwd: Path) -> None:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, f'{command} failed:\n{done.stdout}{done.stderr}'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """A throwaway PostgreSQL cluster in directory/name, on its own port."""
+    directory: Path
+    name: str
+    port: int
+    as_owner: list[str]     # the command prefix that runs a program as the cluster's owner
+
+    @property
+    def data(self) -> Path:
+        return self.directory / self.name
+
+    @property
+    def url(self) -> str:
+        return f'postgresql://root@127.0.0.1:{self.port}/postgres'
+
+    def pg_ctl(self, *args: str) -> None:
+        run_checked([*self.as_owner, postgres_program('pg_ctl'), '-D', str(self.data),
+                     '-w', '-t', '30', *args], self.directory)
+
+    def initdb(self) -> None:
+        run_checked([*self.as_owner, postgres_program('initdb'), '-D', str(self.data),
+                     '-U', 'root', '--auth=trust', '--no-sync', '-E', 'UTF8'], self.directory)
+
+    def copy_of(self, primary: Cluster) -> None:
+        """A base backup of primary that streams from it once started."""
+        run_checked([*self.as_owner, postgres_program('pg_basebackup'), '-d', primary.url,
+                     '-D', str(self.data), '-R', '-X', 'stream', '-c', 'fast', '--no-sync'],
+                    self.directory)
+
+    def start(self) -> None:
+        options = (f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 '
+                   '-c fsync=off')
+        self.pg_ctl('-l', f'{self.data}.log', '-o', options, 'start')
+
+    def stop(self, mode: str = 'fast') -> None:
+        self.pg_ctl('-m', mode, 'stop')
+
+    def restart(self, mode: str = 'fast') -> None:
+        """Stop and start again, with the options of the last start."""
+        self.pg_ctl('-l', f'{self.data}.log', '-m', mode, 'restart')
+
+    def query(self, sql: str) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            cursor = conn.execute(sql)
+            return cursor.fetchall() if cursor.description else []
+
+
+@pytest.fixture
+def postgres_clusters(seed_database: Callable[[str], str]) -> Iterator[Callable[..., Cluster]]:
+    """A factory of throwaway clusters, all stopped and removed at the end:
+    postgres_clusters(name) is a new cluster, started and seeded;
+    postgres_clusters(name, standby_of=primary) a standby streaming from primary."""
+    as_owner, uid, gid = cluster_owner()
+    directory = Path(tempfile.mkdtemp(prefix='taskfarm-pg-'))
+    os.chown(directory, uid, gid)
+    made: list[Cluster] = []
+
+    def make(name: str, standby_of: Cluster | None = None) -> Cluster:
+        cluster = Cluster(directory, name, free_port(), as_owner)
+        made.append(cluster)
+        if standby_of is None:
+            cluster.initdb()
+            cluster.start()
+            seed_database(cluster.url)
+        else:
+            cluster.copy_of(standby_of)
+            cluster.start()
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            subprocess.run([*as_owner, postgres_program('pg_ctl'), '-D', str(cluster.data),
+                            '-m', 'immediate', 'stop'], capture_output=True, timeout=30,
+                           check=False)
+        shutil.rmtree(directory, ignore_errors=True)

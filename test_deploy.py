@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import glob
 import http.client
 import json
 import logging
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -34,7 +32,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -817,95 +814,19 @@ def test_behind_trusted_nginx_the_throttle_counts_the_real_client_address(
 REPLICATION = 'SELECT state, sync_state FROM pg_stat_replication'
 
 
-def postgres_program(name: str) -> str:
-    found = sorted(glob.glob(f'/usr/lib/postgresql/*/bin/{name}'))
-    path = shutil.which(name) or (found[-1] if found else None)
-    if path is None:
-        require(name, 'postgresql')     # skips, or fails under CI
-    return path
-
-
-def as_postgres() -> tuple[list[str], int, int]:
-    """How to run the cluster programs, which refuse root: as the postgres user."""
-    if os.geteuid() != 0:
-        return [], os.getuid(), os.getgid()
-    try:
-        owner = pwd.getpwnam('postgres')
-    except KeyError:
-        pytest.skip('running as root, and there is no postgres user to own a cluster')
-    return [require('runuser', 'util-linux'), '-u', 'postgres', '--'], owner.pw_uid, owner.pw_gid
-
-
-def run_checked(command: list[str], cwd: Path) -> None:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60,
-                          check=False)
-    assert done.returncode == 0, f'{command} failed:\n{done.stdout}{done.stderr}'
-
-
-@dataclass
-class Cluster:
-    """A throwaway PostgreSQL cluster in directory/name, on its own port."""
-    directory: Path
-    name: str
-    port: int
-    as_owner: list[str]
-
-    @property
-    def data(self) -> Path:
-        return self.directory / self.name
-
-    @property
-    def url(self) -> str:
-        return f'postgresql://root@127.0.0.1:{self.port}/postgres'
-
-    def pg_ctl(self, *args: str) -> None:
-        run_checked([*self.as_owner, postgres_program('pg_ctl'), '-D', str(self.data),
-                     '-w', '-t', '30', *args], self.directory)
-
-    def start(self) -> None:
-        options = (f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 '
-                   '-c fsync=off')
-        self.pg_ctl('-l', f'{self.data}.log', '-o', options, 'start')
-
-    def query(self, sql: str) -> list[tuple]:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
-            cursor = conn.execute(sql)
-            return cursor.fetchall() if cursor.description else []
-
-
 @pytest.fixture
-def primary_and_standby(seed_database) -> Iterator[tuple[Cluster, Cluster]]:
+def primary_and_standby(postgres_clusters):
     """A seeded primary, and a standby streaming from it, synchronously."""
-    initdb, basebackup = postgres_program('initdb'), postgres_program('pg_basebackup')
-    as_owner, uid, gid = as_postgres()
-    directory = Path(tempfile.mkdtemp(prefix='taskfarm-failover-'))
-    os.chown(directory, uid, gid)
-    primary = Cluster(directory, 'primary', free_port(), as_owner)
-    standby = Cluster(directory, 'standby', free_port(), as_owner)
-    try:
-        run_checked([*as_owner, initdb, '-D', str(primary.data), '-U', 'root',
-                     '--auth=trust', '--no-sync', '-E', 'UTF8'], directory)
-        primary.start()
-        seed_database(primary.url)
-        run_checked([*as_owner, basebackup, '-d', primary.url, '-D', str(standby.data),
-                     '-R', '-X', 'stream', '-c', 'fast', '--no-sync'], directory)
-        standby.start()
-        wait_until(lambda: primary.query(REPLICATION) == [('streaming', 'async')], 30,
-                   'the standby to stream')
-        # Only now: with no standby connected, a commit would wait for one.
-        primary.query("ALTER SYSTEM SET synchronous_standby_names = '*'")
-        primary.query('SELECT pg_reload_conf()')
-        wait_until(lambda: primary.query(REPLICATION) == [('streaming', 'sync')], 30,
-                   'the standby to be synchronous')
-        yield primary, standby
-    finally:
-        for cluster in (primary, standby):
-            subprocess.run([*as_owner, postgres_program('pg_ctl'), '-D', str(cluster.data),
-                            '-m', 'immediate', 'stop'], capture_output=True, timeout=30,
-                           check=False)
-        shutil.rmtree(directory, ignore_errors=True)
+    primary = postgres_clusters('primary')
+    standby = postgres_clusters('standby', standby_of=primary)
+    wait_until(lambda: primary.query(REPLICATION) == [('streaming', 'async')], 30,
+               'the standby to stream')
+    # Only now: with no standby connected, a commit would wait for one.
+    primary.query("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    primary.query('SELECT pg_reload_conf()')
+    wait_until(lambda: primary.query(REPLICATION) == [('streaming', 'sync')], 30,
+               'the standby to be synchronous')
+    return primary, standby
 
 
 def test_failover_to_a_synchronous_standby_answers_503_meanwhile_and_loses_nothing(

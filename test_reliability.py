@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import glob
 import http.client
 import itertools
 import json
 import os
-import pwd
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -659,78 +655,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def postgres_program(name: str) -> str | None:
-    found = sorted(glob.glob(f'/usr/lib/postgresql/*/bin/{name}'))
-    return shutil.which(name) or (found[-1] if found else None)
-
-
-def run_checked(command: list[str], cwd: str, seconds: float = 60) -> None:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=seconds,
-                          check=False)
-    assert done.returncode == 0, f'{command} failed:\n{done.stdout}{done.stderr}'
-
-
-@dataclass
-class ThrowawayPostgres:
-    """A PostgreSQL cluster of our own, to stop and start at will."""
-    directory: str
-    port: int
-    as_owner: list[str]     # the command prefix that runs a program as the cluster's owner
-
-    @property
-    def url(self) -> str:
-        return f'postgresql://root@127.0.0.1:{self.port}/postgres'
-
-    def pg_ctl(self, *args: str) -> None:
-        run_checked([*self.as_owner, postgres_program('pg_ctl'), '-D', f'{self.directory}/data',
-                     '-w', '-t', '30', *args], cwd=self.directory)
-
-    def start(self) -> None:
-        options = (f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 '
-                   '-c fsync=off')
-        self.pg_ctl('-l', f'{self.directory}/log', '-o', options, 'start')
-
-    def stop(self, mode: str = 'fast') -> None:
-        self.pg_ctl('-m', mode, 'stop')
-
-    def restart(self, mode: str = 'fast') -> None:
-        """Stop and start again, with the options of the last start."""
-        self.pg_ctl('-l', f'{self.directory}/log', '-m', mode, 'restart')
-
-
-def cluster_owner() -> tuple[list[str], int, int]:
-    """How to run initdb, which refuses root: as the postgres user when we are root."""
-    if os.geteuid() != 0:
-        return [], os.getuid(), os.getgid()
-    try:
-        postgres = pwd.getpwnam('postgres')
-    except KeyError:
-        pytest.skip('running as root, and there is no postgres user to run initdb as')
-    runuser = shutil.which('runuser')
-    if runuser is None:
-        pytest.skip('running as root, and there is no runuser to run initdb as postgres')
-    return [runuser, '-u', 'postgres', '--'], postgres.pw_uid, postgres.pw_gid
-
-
 @pytest.fixture
-def throwaway_postgres(seed_database) -> Iterator[ThrowawayPostgres]:
-    initdb = postgres_program('initdb')
-    if initdb is None or postgres_program('pg_ctl') is None:
-        pytest.skip('no initdb/pg_ctl: the PostgreSQL server programs are not installed')
-    as_owner, uid, gid = cluster_owner()
-    directory = tempfile.mkdtemp(prefix='taskfarm-pg-')
-    os.chown(directory, uid, gid)
-    cluster = ThrowawayPostgres(directory, free_port(), as_owner)
-    try:
-        run_checked([*as_owner, initdb, '-D', f'{directory}/data', '-U', 'root',
-                     '--auth=trust', '--no-sync', '-E', 'UTF8'], cwd=directory)
-        cluster.start()
-        seed_database(cluster.url)
-        yield cluster
-    finally:
-        subprocess.run([*as_owner, postgres_program('pg_ctl'), '-D', f'{directory}/data',
-                        '-m', 'immediate', 'stop'], capture_output=True, timeout=30, check=False)
-        shutil.rmtree(directory, ignore_errors=True)
+def throwaway_postgres(postgres_clusters):
+    """A seeded PostgreSQL cluster of the test's own, to stop and start at will."""
+    return postgres_clusters('data')
 
 
 def test_database_outage_answers_503_and_the_server_recovers_by_itself(
