@@ -553,8 +553,8 @@ class Client:
         while True:
             try:
                 sent += 1
-                status, headers, body = self._exchange(method, target, payload,
-                                                       auth, safe)
+                status, headers, body, again = self._exchange(method, target, payload,
+                                                              auth, safe)
             except (OSError, http.client.HTTPException, NotSent) as exc:
                 cause = exc.cause if isinstance(exc, NotSent) else exc
                 problem: TaskfarmError = Unreachable(
@@ -568,7 +568,7 @@ class Client:
                 wait = backoff
             else:
                 if status not in RETRY_STATUSES:
-                    return Answer(status, headers, body, sent > 1)
+                    return Answer(status, headers, body, sent > 1 or again)
                 words = error_text(body) or f'HTTP {status}'
                 if not safe:   # a proxy may have passed it on before it failed
                     raise AnswerLost(f'the taskfarm server at {self.url} is '
@@ -583,28 +583,37 @@ class Client:
             time.sleep(min(wait, remaining))
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
-    def _exchange(self, method: str, target: str, payload: bytes | None,
-                  auth: str | None, safe: bool) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def _exchange(self, method: str, target: str, payload: bytes | None, auth: str | None,
+                  safe: bool) -> tuple[int, http.client.HTTPMessage, bytes, bool]:
+        """The answer, and whether the request may have reached the server twice."""
         headers = {'Accept': 'application/json', 'User-Agent': 'taskfarm-client'}
         if auth:
             headers['Authorization'] = auth
         if payload is not None:
             headers['Content-Type'] = 'application/json'
         if not safe:
-            return self._exchange_once(method, target, payload, headers)
+            return (*self._exchange_once(method, target, payload, headers), False)
         connection, reused = self._connection()
         try:
             connection.request(method, target, payload, headers)
             response = connection.getresponse()
-            return response.status, response.headers, response.read()
+            return response.status, response.headers, response.read(), False
         except (OSError, http.client.HTTPException):
             connection.close()
             self._local.connection = None
             if not reused:
                 raise
+        except BaseException:
+            # Interrupted (Ctrl-C) halfway: the connection may hold half an
+            # exchange, so the next request must not use it.
+            connection.close()
+            self._local.connection = None
+            raise
         # The server closed our idle keep-alive connection: that is no
-        # outage, so try once more at once on a fresh connection.
-        return self._exchange(method, target, payload, auth, safe)
+        # outage, so try once more at once on a fresh connection. The first
+        # try may have reached the server all the same.
+        status, headers_in, body, _ = self._exchange(method, target, payload, auth, safe)
+        return status, headers_in, body, True
 
     def _exchange_once(self, method: str, target: str, payload: bytes | None,
                        headers: dict) -> tuple[int, http.client.HTTPMessage, bytes]:
