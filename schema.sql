@@ -323,8 +323,9 @@ CREATE INDEX IF NOT EXISTS tasks_leased ON tasks (run_id, lease_expires)
 CREATE INDEX IF NOT EXISTS tasks_held ON tasks (worker_id)
     WHERE status = 'computing';
 -- The dashboard: a run's computing and failed tasks, and its recently done
--- (sqlite's planner has no generic plans to go wrong, nor could it prove
--- `status = 'done'` implies `status <> 'waiting'`: the index stays whole).
+-- (sqlite's planner has no generic plans to go wrong, nor could it use a
+-- partial index for `status = 'done'` unless that very term were its
+-- condition: the index stays whole).
 DROP INDEX IF EXISTS tasks_by_status;
 CREATE INDEX IF NOT EXISTS tasks_in_status ON tasks (run_id, status, updated);
 

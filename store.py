@@ -1222,8 +1222,9 @@ class Store:
     # changes. The range of task numbers (`named`) keeps PostgreSQL on the
     # unique (run_id, task) index: a generic plan made while the table was
     # small used it for run_id alone, and read every task of the run for
-    # each report (1,000 batches of 100 a second at 2*10^5 tasks done, down
-    # from 10,000 at the start; 20,000 throughout with the range).
+    # each report (one worker in batches of 100: 1,000 tasks a second at
+    # 2*10^5 tasks done, down from 10,000 at the start; 20,000 throughout
+    # with the range).
     REPORT = Dialects(*(f"""
         UPDATE tasks AS t
         SET status = {STATUS_AFTER},
