@@ -1084,7 +1084,7 @@ for task in worker.tasks:
 def test_workers_and_a_server_killed_and_postgresql_restarted_leave_nothing_behind(
         throwaway_postgres, launch):
     """A dozen `taskfarm work` workers (some SIGKILLed every few seconds and
-    replaced) and a few original-client workers on a run with a 3 s lease,
+    replaced) and a few original-client workers on a run with a 6 s lease,
     on two servers; one server is SIGKILLed and restarted, PostgreSQL is
     restarted in immediate mode. The run finishes with every task done once
     more than its lost leases, nothing computing, no original worker dead,
@@ -1093,7 +1093,11 @@ def test_workers_and_a_server_killed_and_postgresql_restarted_leave_nothing_behi
     steady, shaky = launch(throwaway_postgres.url, env=env), launch(throwaway_postgres.url, env=env)
     api = token_api(steady)
     num_tasks = 1500
-    run = create_run(api, num_tasks, timeout=3)
+    # The lease outlasts the killed server's restart (1.4 s on a busy 2-core
+    # machine) and the clients' backoff of 0.25, 0.5, 1, 2 s: with 3 s, a
+    # worker of that server that had just claimed or sent its last heartbeat
+    # (every lease/3) was sometimes not back in time (5 runs in 14 here).
+    run = create_run(api, num_tasks, timeout=6)
     worker_env = {**os.environ, 'TASKFARM_USER': steady.user,
                   'TASKFARM_PASSWORD': steady.password, 'TASKFARM_RETRY_SECONDS': '60'}
 
