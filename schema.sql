@@ -178,9 +178,14 @@ BEGIN
 END $$ LANGUAGE plpgsql;
 
 -- Statement-level triggers: a restart of a million tasks adds its changes
--- up once, instead of updating the same 8 stats rows a million times.
+-- up once, instead of updating the same 8 stats rows a million times. They
+-- fire for statements that changed no row too (a hand-out's take-back of
+-- expired leases, mostly): those return at once.
 CREATE OR REPLACE FUNCTION count_inserted_tasks() RETURNS trigger AS $$
 BEGIN
+    IF NOT EXISTS (SELECT FROM new_rows) THEN
+        RETURN NULL;
+    END IF;
     UPDATE run_stats s SET
         computing = s.computing + d.computing, done = s.done + d.done,
         failed = s.failed + d.failed, micropercent = s.micropercent + d.micropercent
@@ -198,6 +203,9 @@ END $$ LANGUAGE plpgsql;
 
 CREATE OR REPLACE FUNCTION count_updated_tasks() RETURNS trigger AS $$
 BEGIN
+    IF NOT EXISTS (SELECT FROM new_rows) THEN
+        RETURN NULL;
+    END IF;
     UPDATE run_stats s SET
         computing = s.computing + d.computing, done = s.done + d.done,
         failed = s.failed + d.failed, micropercent = s.micropercent + d.micropercent

@@ -109,8 +109,17 @@ class Dialects(NamedTuple):
     sqlite: str
 
 
+# A quoted literal (kept as it is), or a run of whitespace and comments.
+SQL_LITERAL_COMMENT_OR_SPACE = re.compile(r"('(?:[^']|'')*')|(?:\s|--[^\n]*)+")
+
+
 def to_pyformat(sql: str) -> str:
-    """`:name` placeholders to psycopg's `%(name)s` (and `%` to `%%`)."""
+    """A statement as psycopg takes it: `:name` placeholders as `%(name)s`,
+    `%` as `%%`, and squeezed (comments dropped, each run of whitespace one
+    space). psycopg parses a statement longer than 4 KiB anew on every call
+    instead of caching it (0.2 ms of CPU per call): the hand-out statements
+    are 4.1-4.8 KiB as written, 3.3-3.8 KiB squeezed."""
+    sql = SQL_LITERAL_COMMENT_OR_SPACE.sub(lambda m: m.group(1) or ' ', sql).strip()
     sql = sql.replace('%', '%%')
     return re.sub(r'(?<![:\w]):([A-Za-z_]\w*)', r'%(\1)s', sql)
 
@@ -533,6 +542,156 @@ HANDED_OUT = """id, task, status, percent, attempts, failures, message, exit_cod
        AS input"""
 
 
+def report_statement(updates: str, named: str) -> str:
+    """The report of updates u (`updates`, rows of n, percent, status,
+    message, exit_code, final) to the tasks they name (`named`, a condition
+    on t.task).
+
+    Every update applies only to tasks of the caller's run and, when a
+    worker is named, only to those that worker holds; one statement for a
+    whole batch (of nearby tasks: see report_spans), whatever each item
+    changes. It answers the numbers of the tasks changed.
+    """
+    return f"""
+        UPDATE tasks AS t
+        SET status = {STATUS_AFTER},
+            failures = t.failures + CASE WHEN {NEWLY_FAILED} THEN 1 ELSE 0 END,
+            percent = COALESCE(u.percent, t.percent),
+            message = COALESCE(u.message, t.message),
+            exit_code = COALESCE(u.exit_code, t.exit_code),
+            worker_id = CASE WHEN {STATUS_AFTER} = 'waiting' THEN NULL ELSE t.worker_id END,
+            updated = :now, lease_expires = :now + r.timeout
+        FROM runs r, {updates}
+        WHERE r.uuid = :run AND {owned('r')} AND t.run_id = r.id AND t.task = u.n
+          AND {named}
+          AND (CAST(:worker AS text) IS NULL OR t.worker_id = (
+                SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}))
+        RETURNING task
+    """
+
+
+# ---------------------------------------------------------------------------
+# The PostgreSQL hand-out's statements (Store.CLAIM, CLAIM_WAITING, CLAIM_ONE).
+
+
+def claim_statement(take_back: str, fresh: str, marker: str = '') -> str:
+    """The PostgreSQL hand-out: whether to take back waiting rows and
+    expired leases (`take_back`), the CTEs that take fresh numbers from
+    frontier rows and make their tasks (`fresh`, ending in `created`),
+    and the marker row that follows the tasks (`marker`: its note and
+    where it comes from), if any.
+
+    One statement, atomic across any number of server processes: rows
+    are taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take
+    the same task. The marker says 'end' (no marker: 'end' too); 'stepped'
+    when it stepped over numbers that a PUT had finished already (ask
+    again); or 'busy' when it found frontier rows busy while it still
+    wanted tasks (ask again, waiting for them).
+    """
+    return f"""
+    WITH worker AS (
+        SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}
+    ), found AS (
+        SELECT r.id, r.num_tasks, r.timeout, r.max_attempts, r.max_failures, r.stopped,
+               r.inputs_missing
+        FROM runs r
+        WHERE r.uuid = :run AND {owned('r')} AND EXISTS (SELECT 1 FROM worker)
+    ), exhausted AS (
+        UPDATE tasks SET status = 'failed', updated = :now
+        FROM found
+        WHERE {take_back} AND tasks.run_id = found.id AND tasks.status = 'computing'
+          AND tasks.lease_expires < :now AND tasks.attempts >= found.max_attempts
+        RETURNING tasks.id
+    ), run AS (
+        -- A stopped run, or one still waiting for its inputs, hands out
+        -- nothing; nor one that the failures just made stop it.
+        SELECT * FROM found
+        WHERE NOT stopped AND inputs_missing = 0
+          AND (max_failures IS NULL OR NOT EXISTS (SELECT 1 FROM exhausted)
+               OR (SELECT count(*) FROM exhausted)
+                  + (SELECT sum(s.failed) FROM run_stats s WHERE s.run_id = found.id)
+                  < max_failures)
+    ), waiting AS (
+        SELECT t.id, t.task FROM tasks t, run
+        WHERE {take_back} AND t.run_id = run.id AND t.status = 'waiting'
+        ORDER BY t.task LIMIT :count
+        FOR UPDATE OF t SKIP LOCKED
+    ), expired AS (
+        SELECT t.id, t.task FROM tasks t, run
+        WHERE {take_back} AND t.run_id = run.id AND t.status = 'computing'
+          AND t.lease_expires < :now
+          AND (run.max_attempts IS NULL OR t.attempts < run.max_attempts)
+        ORDER BY t.lease_expires LIMIT :count
+        FOR UPDATE OF t SKIP LOCKED
+    ), reclaim AS (
+        SELECT id, task FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) c
+        ORDER BY task LIMIT :count
+    ), claimed AS (
+        UPDATE tasks
+        SET status = 'computing', worker_id = (SELECT id FROM worker),
+            attempts = tasks.attempts + 1, started = :now, updated = :now,
+            lease_expires = :now + run.timeout, claim_id = :claim
+        FROM run
+        WHERE tasks.id = ANY(ARRAY(SELECT id FROM reclaim))
+        RETURNING tasks.*
+    ), {fresh}
+    SELECT {HANDED_OUT.format(t='h')}, h.fresh, NULL AS note
+    FROM (SELECT *, false AS fresh FROM claimed
+          UNION ALL SELECT *, true FROM created) h
+    {marker and 'UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,'}
+    {marker}
+    """
+
+
+# The tasks made for the fresh numbers `picked`, ahead of the frontier.
+CREATED = """created AS (
+        INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
+                           updated, lease_expires, claim_id)
+        SELECT run.id, picked.task, 'computing', (SELECT id FROM worker), 1,
+               :now, :now, :now + run.timeout, :claim
+        FROM picked, run
+        ON CONFLICT (run_id, task) DO UPDATE
+        SET status = 'computing', worker_id = EXCLUDED.worker_id,
+            attempts = tasks.attempts + 1, started = :now, updated = :now,
+            lease_expires = EXCLUDED.lease_expires, claim_id = :claim
+        WHERE tasks.status = 'waiting'
+        RETURNING tasks.*
+    )"""
+
+
+def batch_claim(frontier_rows: str, take_back: str) -> str:
+    """A batch hand-out: the lowest fresh numbers of the frontier rows taken
+    (`frontier_rows`, a condition on f and its locking clause), 8 apart
+    within a row, and a marker row always."""
+    shards = FRONTIER_SHARDS
+    return claim_statement(take_back, f"""need AS (
+        SELECT :count - count(*) AS n FROM reclaim
+    ), frontier AS (
+        SELECT f.shard, f.next_task FROM run_frontier f, run
+        WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+          AND (SELECT n FROM need) > 0
+          {frontier_rows}
+    ), picked AS (
+        SELECT f.shard, f.next_task + {shards} * i AS task
+        FROM frontier f, run, generate_series(0, (SELECT n FROM need) - 1) AS i
+        WHERE f.next_task + {shards} * i < run.num_tasks
+          AND f.next_task + {shards} * i NOT IN (SELECT task FROM reclaim)
+        ORDER BY task LIMIT (SELECT n FROM need)
+    ), advanced AS (
+        UPDATE run_frontier f SET next_task = p.last + {shards}
+        FROM (SELECT shard, max(task) AS last FROM picked GROUP BY shard) p, run
+        WHERE f.run_id = run.id AND f.shard = p.shard
+    ), {CREATED}""", """
+           CASE WHEN (SELECT count(*) FROM picked) > (SELECT count(*) FROM created)
+                THEN 'stepped'
+                WHEN (SELECT count(*) FROM reclaim) + (SELECT count(*) FROM picked) < :count
+                     AND EXISTS (SELECT 1 FROM run_frontier f, run
+                                 WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+                                   AND f.shard NOT IN (SELECT shard FROM frontier))
+                THEN 'busy' ELSE 'end' END
+    FROM found""")
+
+
 # ---------------------------------------------------------------------------
 # The store.
 
@@ -861,113 +1020,8 @@ class Store:
     # `claims`) or retried after a lost connection gets those tasks back
     # instead of new ones.
 
-    def claim_statement(frontier_rows: str, take_back: str) -> str:
-        """The PostgreSQL hand-out, with a choice of which frontier rows to
-        take and how (`frontier_rows`, a condition on f and its locking
-        clause), and whether to take back waiting rows and expired leases
-        (`take_back`).
-
-        One statement, atomic across any number of server processes: rows
-        are taken under FOR UPDATE SKIP LOCKED, so two hand-outs never take
-        the same task. Besides the tasks it answers one marker row: 'end';
-        'stepped' when it stepped over numbers that a PUT had finished
-        already (ask again); 'busy' when it found frontier rows busy while it
-        still wanted tasks (ask again, waiting for them).
-        """
-        shards = FRONTIER_SHARDS
-        return f"""
-        WITH worker AS (
-            SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}
-        ), found AS (
-            SELECT r.id, r.num_tasks, r.timeout, r.max_attempts, r.max_failures, r.stopped,
-                   r.inputs_missing
-            FROM runs r
-            WHERE r.uuid = :run AND {owned('r')} AND EXISTS (SELECT 1 FROM worker)
-        ), exhausted AS (
-            UPDATE tasks SET status = 'failed', updated = :now
-            FROM found
-            WHERE {take_back} AND tasks.run_id = found.id AND tasks.status = 'computing'
-              AND tasks.lease_expires < :now AND tasks.attempts >= found.max_attempts
-            RETURNING tasks.id
-        ), run AS (
-            -- A stopped run, or one still waiting for its inputs, hands out
-            -- nothing; nor one that the failures just made stop it.
-            SELECT * FROM found
-            WHERE NOT stopped AND inputs_missing = 0
-              AND (max_failures IS NULL OR NOT EXISTS (SELECT 1 FROM exhausted)
-                   OR (SELECT count(*) FROM exhausted)
-                      + (SELECT sum(s.failed) FROM run_stats s WHERE s.run_id = found.id)
-                      < max_failures)
-        ), waiting AS (
-            SELECT t.id, t.task FROM tasks t, run
-            WHERE {take_back} AND t.run_id = run.id AND t.status = 'waiting'
-            ORDER BY t.task LIMIT :count
-            FOR UPDATE OF t SKIP LOCKED
-        ), expired AS (
-            SELECT t.id, t.task FROM tasks t, run
-            WHERE {take_back} AND t.run_id = run.id AND t.status = 'computing'
-              AND t.lease_expires < :now
-              AND (run.max_attempts IS NULL OR t.attempts < run.max_attempts)
-            ORDER BY t.lease_expires LIMIT :count
-            FOR UPDATE OF t SKIP LOCKED
-        ), reclaim AS (
-            SELECT id, task FROM (SELECT * FROM waiting UNION ALL SELECT * FROM expired) c
-            ORDER BY task LIMIT :count
-        ), claimed AS (
-            UPDATE tasks
-            SET status = 'computing', worker_id = (SELECT id FROM worker),
-                attempts = tasks.attempts + 1, started = :now, updated = :now,
-                lease_expires = :now + run.timeout, claim_id = :claim
-            FROM run
-            WHERE tasks.id = ANY(ARRAY(SELECT id FROM reclaim))
-            RETURNING tasks.*
-        ), need AS (
-            SELECT :count - count(*) AS n FROM reclaim
-        ), frontier AS (
-            SELECT f.shard, f.next_task FROM run_frontier f, run
-            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
-              AND (SELECT n FROM need) > 0
-              {frontier_rows}
-        ), picked AS (
-            SELECT f.shard, f.next_task + {shards} * i AS task
-            FROM frontier f, run, generate_series(0, (SELECT n FROM need) - 1) AS i
-            WHERE f.next_task + {shards} * i < run.num_tasks
-              AND f.next_task + {shards} * i NOT IN (SELECT task FROM reclaim)
-            ORDER BY task LIMIT (SELECT n FROM need)
-        ), advanced AS (
-            UPDATE run_frontier f SET next_task = p.last + {shards}
-            FROM (SELECT shard, max(task) AS last FROM picked GROUP BY shard) p, run
-            WHERE f.run_id = run.id AND f.shard = p.shard
-        ), created AS (
-            INSERT INTO tasks (run_id, task, status, worker_id, attempts, started,
-                               updated, lease_expires, claim_id)
-            SELECT run.id, picked.task, 'computing', (SELECT id FROM worker), 1,
-                   :now, :now, :now + run.timeout, :claim
-            FROM picked, run
-            ON CONFLICT (run_id, task) DO UPDATE
-            SET status = 'computing', worker_id = EXCLUDED.worker_id,
-                attempts = tasks.attempts + 1, started = :now, updated = :now,
-                lease_expires = EXCLUDED.lease_expires, claim_id = :claim
-            WHERE tasks.status = 'waiting'
-            RETURNING tasks.*
-        )
-        SELECT {HANDED_OUT.format(t='h')}, h.fresh, NULL AS note
-        FROM (SELECT *, false AS fresh FROM claimed
-              UNION ALL SELECT *, true FROM created) h
-        UNION ALL
-        SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-               CASE WHEN (SELECT count(*) FROM picked) > (SELECT count(*) FROM created)
-                    THEN 'stepped'
-                    WHEN (SELECT count(*) FROM reclaim) + (SELECT count(*) FROM picked) < :count
-                         AND EXISTS (SELECT 1 FROM run_frontier f, run
-                                     WHERE f.run_id = run.id AND f.next_task < run.num_tasks
-                                       AND f.shard NOT IN (SELECT shard FROM frontier))
-                    THEN 'busy' ELSE 'end' END
-        FROM found
-        """
-
     # The lowest fresh numbers: from as many free frontier rows as it needs.
-    CLAIM = claim_statement(f"""
+    CLAIM = batch_claim(f"""
             ORDER BY f.next_task LIMIT least((SELECT n FROM need), {FRONTIER_SHARDS})
             FOR UPDATE OF f SKIP LOCKED""", 'true')
     # When every frontier row was busy: wait for one (further_rounds) and
@@ -979,12 +1033,33 @@ class Store:
     # row that ran out while we waited would stay locked as the next one was
     # waited for, and two such hand-outs deadlocked (15 times in 10 s at
     # the end of a run of 6,000 tasks in the exactly-once test).
-    CLAIM_WAITING = claim_statement(f"""
+    CLAIM_WAITING = batch_claim(f"""
               AND f.shard = (SELECT g.shard FROM run_frontier g
                              WHERE g.run_id = run.id AND g.next_task < run.num_tasks
                              ORDER BY (g.shard + :spread) % {FRONTIER_SHARDS} LIMIT 1)
             FOR UPDATE OF f""", 'false')
-    del claim_statement
+    # A single task (count 1, the original protocol's hand-out): the next
+    # number of the lowest free frontier row, and a marker row only when it
+    # hands out nothing. A fifth cheaper than CLAIM with a count of 1 (no
+    # series of numbers, no counts for the marker).
+    CLAIM_ONE = claim_statement('true', f"""frontier AS (
+            SELECT f.shard FROM run_frontier f, run
+            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+              AND NOT EXISTS (SELECT 1 FROM reclaim)
+            ORDER BY f.next_task LIMIT 1
+            FOR UPDATE OF f SKIP LOCKED
+        ), picked AS (
+            UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
+            FROM frontier, run
+            WHERE f.run_id = run.id AND f.shard = frontier.shard
+            RETURNING f.next_task - {FRONTIER_SHARDS} AS task
+        ), {CREATED}""", """
+               CASE WHEN EXISTS (SELECT 1 FROM picked) THEN 'stepped'
+                    WHEN EXISTS (SELECT 1 FROM run_frontier f, run
+                                 WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
+                    THEN 'busy' ELSE 'end' END
+        FROM found
+        WHERE NOT EXISTS (SELECT 1 FROM claimed) AND NOT EXISTS (SELECT 1 FROM created)""")
 
     # Found by the hand-out when it has nothing to give: is there a run at
     # all (for the 404), and the run and worker for the sqlite steps.
@@ -1129,7 +1204,8 @@ class Store:
                 raise Repeated  # roll the updates back: they were applied the first time
         if self.db.dialect == 'sqlite':
             return self.claim_sqlite(tx, params, results)
-        return self.claim_round(tx, self.CLAIM, params, Round([], results))
+        statement = self.CLAIM_ONE if params['count'] == 1 else self.CLAIM
+        return self.claim_round(tx, statement, params, Round([], results))
 
     def repeated(self, tx: Transaction, params: dict,
                  updates: Sequence[Update] | None) -> Round:
@@ -1149,7 +1225,7 @@ class Store:
         if not rows:
             return None
         tasks = [row for row in rows if row['note'] is None]
-        note = next(row['note'] for row in rows if row['note'] is not None)
+        note = next((row['note'] for row in rows if row['note'] is not None), 'end')
         return Round(so_far.tasks + tasks, so_far.results, note)
 
     def further_rounds(self, handed: Round, params: dict, count: int) -> Round:
@@ -1216,52 +1292,42 @@ class Store:
 
     # -- task updates ---------------------------------------------------------
 
-    # Every update applies only to tasks of the caller's run and, when a
-    # worker is named, only to those that worker holds; one statement for
-    # a whole batch (of nearby tasks: see report_spans), whatever each item
-    # changes. The range of task numbers (`named`) keeps PostgreSQL on the
+    # The unpacked updates (u) of a batch: one JSON that each dialect
+    # unpacks into rows. The range of task numbers keeps PostgreSQL on the
     # unique (run_id, task) index: a generic plan made while the table was
     # small used it for run_id alone, and read every task of the run for
     # each report (one worker in batches of 100: 1,000 tasks a second at
     # 2*10^5 tasks done, down from 10,000 at the start; 20,000 throughout
     # with the range).
-    REPORT = Dialects(*(f"""
-        UPDATE tasks AS t
-        SET status = {STATUS_AFTER},
-            failures = t.failures + CASE WHEN {NEWLY_FAILED} THEN 1 ELSE 0 END,
-            percent = COALESCE(u.percent, t.percent),
-            message = COALESCE(u.message, t.message),
-            exit_code = COALESCE(u.exit_code, t.exit_code),
-            worker_id = CASE WHEN {STATUS_AFTER} = 'waiting' THEN NULL ELSE t.worker_id END,
-            updated = :now, lease_expires = :now + r.timeout
-        FROM runs r, {updates}
-        WHERE r.uuid = :run AND {owned('r')} AND t.run_id = r.id AND t.task = u.n
-          AND {named}
-          AND (CAST(:worker AS text) IS NULL OR t.worker_id = (
-                SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}))
-        RETURNING task
-    """ for updates, named in ((
+    REPORT = Dialects(report_statement(
         """jsonb_to_recordset(CAST(:updates AS jsonb))
                AS u(n integer, percent double precision, status text, message text,
                     exit_code integer, final boolean)""",
         """t.task BETWEEN :lowest AND :highest
           AND t.task = ANY(ARRAY(SELECT CAST(value AS integer)
-                                FROM jsonb_array_elements_text(CAST(:tasks AS jsonb))))"""), (
-        """(SELECT json_extract(value, '$.n') AS n,
+                                FROM jsonb_array_elements_text(CAST(:tasks AS jsonb))))"""),
+        report_statement("""(SELECT json_extract(value, '$.n') AS n,
                    json_extract(value, '$.percent') AS percent,
                    json_extract(value, '$.status') AS status,
                    json_extract(value, '$.message') AS message,
                    json_extract(value, '$.exit_code') AS exit_code,
                    json_extract(value, '$.final') AS final
             FROM json_each(:updates)) AS u""",
-        "t.task IN (SELECT value FROM json_each(:tasks))"))))
+        "t.task IN (SELECT value FROM json_each(:tasks))"))
+    # One update (a PUT, most reports of one task) as scalar parameters,
+    # the same in both dialects: no JSON to unpack, a tenth cheaper.
+    REPORT_ONE = report_statement("""(SELECT CAST(:n AS integer) AS n,
+                   CAST(:percent AS double precision) AS percent,
+                   CAST(:status AS text) AS status, CAST(:message AS text) AS message,
+                   CAST(:exit_code AS integer) AS exit_code,
+                   CAST(:final AS boolean) AS final) AS u""", 't.task = :n')
 
     # A PUT without a worker (the original client's) on a task that has no
     # row yet: the row is made first, waiting at 0%.
     ADD_TASK_ROW = f"""
         INSERT INTO tasks (run_id, task, updated)
-        SELECT r.id, :task, :now FROM runs r
-        WHERE r.uuid = :run AND {owned('r')} AND :task < r.num_tasks
+        SELECT r.id, :n, :now FROM runs r
+        WHERE r.uuid = :run AND {owned('r')} AND :n < r.num_tasks
         ON CONFLICT (run_id, task) DO NOTHING
     """
 
@@ -1272,8 +1338,7 @@ class Store:
             return None
         changed = set()
         for span in report_spans(updates):
-            changed.update(row['task'] for row in tx.all(self.REPORT, {
-                **params, **update_params(span)}))
+            changed.update(row['task'] for row in self.report_span(tx, params, span))
         num_tasks = MAX_INT + 1
         if len(changed) < len(updates):
             num_tasks = self.parties(tx, params)['num_tasks']
@@ -1281,6 +1346,12 @@ class Store:
                  'result': OK if update.task in changed
                  else UNKNOWN_TASK if update.task >= num_tasks else NOT_HELD}
                 for update in updates]
+
+    def report_span(self, tx: Transaction, params: dict, span: Sequence[Update]) -> list[dict]:
+        """Apply the updates of one span (see report_spans): the tasks changed."""
+        if len(span) == 1:
+            return tx.all(self.REPORT_ONE, {**params, **span[0].row()})
+        return tx.all(self.REPORT, {**params, **update_params(span)})
 
     def report(self, owner: Owner, run: str, worker: str,
                updates: Sequence[Update]) -> Results:
@@ -1303,19 +1374,21 @@ class Store:
             check_worker_uuid(worker)
         if not 0 <= update.task <= MAX_INT:
             raise TaskNotFound(self.find_run(owner, run)['num_tasks'])
-        params = owner.params(run=run, worker=worker, task=update.task,
-                              **update_params([update]))
+        params = owner.params(run=run, worker=worker)
 
         def put(tx: Transaction) -> bool:
             params['now'] = time.time()
-            if tx.all(self.REPORT, params):
-                return True
-            if worker is not None:
-                return False
-            tx.execute(self.ADD_TASK_ROW, params)
-            return bool(tx.all(self.REPORT, params))
+            return bool(self.report_span(tx, params, [update]))
 
-        if self.db.run(put, atomic=worker is None):
+        def add_row_and_put(tx: Transaction) -> bool:
+            params['now'] = time.time()
+            tx.execute(self.ADD_TASK_ROW, {**params, 'n': update.task})
+            return put(tx)
+
+        # One statement for a task that has its row; a task without one (no
+        # worker named) gets it made and updated in one transaction.
+        if self.db.run(put, atomic=False) or (
+                worker is None and self.db.run(add_row_and_put, atomic=True)):
             return
         num_tasks = self.find_run(owner, run)['num_tasks']
         if update.task >= num_tasks:

@@ -172,6 +172,57 @@ def test_handout_steps_over_tasks_a_put_finished(alice):
     alice.claim(run['uuid'], worker, status=204)
 
 
+def test_single_handout_and_puts_send_one_statement_each_with_no_transaction(
+        alice, db, monkeypatch):
+    """The hot paths: a hand-out and each PUT, with a worker or without, are one
+    statement on its own (no BEGIN and COMMIT around it: two more round trips).
+    sqlite's hand-out is its steps in one transaction (one writer anyway)."""
+    run = alice.create_run(4)['uuid']
+    worker = alice.register_worker()
+    alice.claim(run, worker)
+    sent = []
+    real_run, real_run_on = db.run, db.run_on
+
+    def run_spied(work, atomic=True):
+        sent.append({'atomic': atomic, 'statements': 0})
+        return real_run(work, atomic)
+
+    def run_on_spied(conn, sql, params):
+        sent[-1]['statements'] += 1
+        return real_run_on(conn, sql, params)
+
+    monkeypatch.setattr(db, 'run', run_spied)
+    monkeypatch.setattr(db, 'run_on', run_on_spied)
+    one_statement = [{'atomic': False, 'statements': 1}]
+    requests = {
+        'progress': lambda: alice.put_task(run, 0, {'percentCompleted': 50}),
+        'progress of the worker': lambda: alice.put_task(
+            run, 0, {'percentCompleted': 60, 'worker_uuid': worker}),
+        'done': lambda: alice.put_task(run, 0, {'status': 'done'}),
+        'hand-out': lambda: alice.claim(run, worker),
+    }
+    for name, request in requests.items():
+        sent.clear()
+        request()
+        if name == 'hand-out' and db.dialect == 'sqlite':
+            assert [call['atomic'] for call in sent] == [True], name
+        else:
+            assert sent == one_statement, name
+
+
+def test_every_statement_fits_psycopgs_cache_of_parsed_statements():
+    """psycopg parses a statement longer than its limit (4 KiB) anew on every
+    call: squeezed, every statement of the store stays within it."""
+    from psycopg import _queries
+    statements = {name: getattr(value, 'postgresql', value)
+                  for name, value in vars(store.Store).items()
+                  if name.isupper() and isinstance(value, (str, store.Dialects))}
+    assert {'CLAIM', 'CLAIM_ONE', 'CLAIM_WAITING', 'REPORT'} <= statements.keys()
+    sizes = {name: len(store.to_pyformat(sql).encode()) for name, sql in statements.items()}
+    assert max(sizes.values()) <= _queries.MAX_CACHED_STATEMENT_LENGTH, sizes
+    assert store.to_pyformat("SELECT 'a  --b' -- c\n  , 5 % 2") == "SELECT 'a  --b' , 5 %% 2"
+
+
 def test_handout_keeps_progress_of_a_restarted_task(alice):
     run = alice.create_run(2)
     worker = alice.register_worker()
