@@ -588,6 +588,8 @@ def claim_statement(take_back: str, fresh: str, marker: str = '') -> str:
     again); or 'busy' when it found frontier rows busy while it still
     wanted tasks (ask again, waiting for them).
     """
+    marker_row = ('UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,'
+                  + marker) if marker else ''
     return f"""
     WITH worker AS (
         SELECT w.id FROM workers w WHERE w.uuid = :worker AND {owned('w')}
@@ -638,8 +640,7 @@ def claim_statement(take_back: str, fresh: str, marker: str = '') -> str:
     SELECT {HANDED_OUT.format(t='h')}, h.fresh, NULL AS note
     FROM (SELECT *, false AS fresh FROM claimed
           UNION ALL SELECT *, true FROM created) h
-    {marker and 'UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,'}
-    {marker}
+    {marker_row}
     """
 
 
