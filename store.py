@@ -693,6 +693,39 @@ def batch_claim(frontier_rows: str, take_back: str) -> str:
     FROM found""")
 
 
+# The frontier row that a hand-out waits for when every row was busy: one
+# row, chosen first and then locked alone (see Store.CLAIM_WAITING).
+WAIT_FOR_ONE_ROW = f"""
+              AND f.shard = (SELECT g.shard FROM run_frontier g
+                             WHERE g.run_id = run.id AND g.next_task < run.num_tasks
+                             ORDER BY (g.shard + :spread) % {FRONTIER_SHARDS} LIMIT 1)
+            FOR UPDATE OF f"""
+
+
+def single_claim(frontier_rows: str, take_back: str) -> str:
+    """A hand-out of one task: the next fresh number of the frontier row
+    taken (`frontier_rows`, a condition on f and its locking clause), and a
+    marker row only when it hands out nothing (no series of numbers, no
+    counts for the marker)."""
+    return claim_statement(take_back, f"""frontier AS (
+            SELECT f.shard FROM run_frontier f, run
+            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+              AND NOT EXISTS (SELECT 1 FROM reclaim)
+              {frontier_rows}
+        ), picked AS (
+            UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
+            FROM frontier, run
+            WHERE f.run_id = run.id AND f.shard = frontier.shard
+            RETURNING f.next_task - {FRONTIER_SHARDS} AS task
+        ), {CREATED}""", """
+               CASE WHEN EXISTS (SELECT 1 FROM picked) THEN 'stepped'
+                    WHEN EXISTS (SELECT 1 FROM run_frontier f, run
+                                 WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
+                    THEN 'busy' ELSE 'end' END
+        FROM found
+        WHERE NOT EXISTS (SELECT 1 FROM claimed) AND NOT EXISTS (SELECT 1 FROM created)""")
+
+
 # ---------------------------------------------------------------------------
 # The store.
 
@@ -1034,33 +1067,14 @@ class Store:
     # row that ran out while we waited would stay locked as the next one was
     # waited for, and two such hand-outs deadlocked (15 times in 10 s at
     # the end of a run of 6,000 tasks in the exactly-once test).
-    CLAIM_WAITING = batch_claim(f"""
-              AND f.shard = (SELECT g.shard FROM run_frontier g
-                             WHERE g.run_id = run.id AND g.next_task < run.num_tasks
-                             ORDER BY (g.shard + :spread) % {FRONTIER_SHARDS} LIMIT 1)
-            FOR UPDATE OF f""", 'false')
-    # A single task (count 1, the original protocol's hand-out): the next
-    # number of the lowest free frontier row, and a marker row only when it
-    # hands out nothing. A fifth cheaper than CLAIM with a count of 1 (no
-    # series of numbers, no counts for the marker).
-    CLAIM_ONE = claim_statement('true', f"""frontier AS (
-            SELECT f.shard FROM run_frontier f, run
-            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
-              AND NOT EXISTS (SELECT 1 FROM reclaim)
+    CLAIM_WAITING = batch_claim(WAIT_FOR_ONE_ROW, 'false')
+    # A single task (count 1, the original protocol's hand-out), from the
+    # lowest free frontier row or, when every row was busy, waiting for one
+    # as above. A fifth cheaper than CLAIM with a count of 1.
+    CLAIM_ONE = single_claim("""
             ORDER BY f.next_task LIMIT 1
-            FOR UPDATE OF f SKIP LOCKED
-        ), picked AS (
-            UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
-            FROM frontier, run
-            WHERE f.run_id = run.id AND f.shard = frontier.shard
-            RETURNING f.next_task - {FRONTIER_SHARDS} AS task
-        ), {CREATED}""", """
-               CASE WHEN EXISTS (SELECT 1 FROM picked) THEN 'stepped'
-                    WHEN EXISTS (SELECT 1 FROM run_frontier f, run
-                                 WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
-                    THEN 'busy' ELSE 'end' END
-        FROM found
-        WHERE NOT EXISTS (SELECT 1 FROM claimed) AND NOT EXISTS (SELECT 1 FROM created)""")
+            FOR UPDATE OF f SKIP LOCKED""", 'true')
+    CLAIM_ONE_WAITING = single_claim(WAIT_FOR_ONE_ROW, 'false')
 
     # Found by the hand-out when it has nothing to give: is there a run at
     # all (for the 404), and the run and worker for the sqlite steps.
@@ -1205,8 +1219,8 @@ class Store:
                 raise Repeated  # roll the updates back: they were applied the first time
         if self.db.dialect == 'sqlite':
             return self.claim_sqlite(tx, params, results)
-        statement = self.CLAIM_ONE if params['count'] == 1 else self.CLAIM
-        return self.claim_round(tx, statement, params, Round([], results))
+        return self.claim_round(tx, self.hand_out(params['count'], waiting=False), params,
+                                Round([], results))
 
     def repeated(self, tx: Transaction, params: dict,
                  updates: Sequence[Update] | None) -> Round:
@@ -1218,6 +1232,13 @@ class Store:
             row = tx.one(self.CLAIM_RESULTS, params)
             results = (json.loads(row['results']) if row and row['results'] else None) or []
         return Round(tasks, results)
+
+    def hand_out(self, count: int, waiting: bool) -> str:
+        """The PostgreSQL hand-out statement for `count` tasks, waiting for a
+        busy frontier row or not."""
+        if count == 1:
+            return self.CLAIM_ONE_WAITING if waiting else self.CLAIM_ONE
+        return self.CLAIM_WAITING if waiting else self.CLAIM
 
     def claim_round(self, tx: Transaction, statement: str, params: dict,
                     so_far: Round) -> Round | None:
@@ -1253,7 +1274,7 @@ class Store:
         if tx.retrying:
             # The lost try may have committed: every task of this claim so far.
             return Round(tx.all(self.REPEAT_CLAIM, params), so_far.results, 'stepped')
-        statement = self.CLAIM if so_far.note == 'stepped' else self.CLAIM_WAITING
+        statement = self.hand_out(params['count'], waiting=so_far.note != 'stepped')
         return self.claim_round(tx, statement, params, so_far) or Round(so_far.tasks,
                                                                         so_far.results)
 
