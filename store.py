@@ -702,30 +702,6 @@ WAIT_FOR_ONE_ROW = f"""
             FOR UPDATE OF f"""
 
 
-def single_claim(frontier_rows: str, take_back: str) -> str:
-    """A hand-out of one task: the next fresh number of the frontier row
-    taken (`frontier_rows`, a condition on f and its locking clause), and a
-    marker row only when it hands out nothing (no series of numbers, no
-    counts for the marker)."""
-    return claim_statement(take_back, f"""frontier AS (
-            SELECT f.shard FROM run_frontier f, run
-            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
-              AND NOT EXISTS (SELECT 1 FROM reclaim)
-              {frontier_rows}
-        ), picked AS (
-            UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
-            FROM frontier, run
-            WHERE f.run_id = run.id AND f.shard = frontier.shard
-            RETURNING f.next_task - {FRONTIER_SHARDS} AS task
-        ), {CREATED}""", """
-               CASE WHEN EXISTS (SELECT 1 FROM picked) THEN 'stepped'
-                    WHEN EXISTS (SELECT 1 FROM run_frontier f, run
-                                 WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
-                    THEN 'busy' ELSE 'end' END
-        FROM found
-        WHERE NOT EXISTS (SELECT 1 FROM claimed) AND NOT EXISTS (SELECT 1 FROM created)""")
-
-
 # ---------------------------------------------------------------------------
 # The store.
 
@@ -1068,13 +1044,36 @@ class Store:
     # waited for, and two such hand-outs deadlocked (15 times in 10 s at
     # the end of a run of 6,000 tasks in the exactly-once test).
     CLAIM_WAITING = batch_claim(WAIT_FOR_ONE_ROW, 'false')
-    # A single task (count 1, the original protocol's hand-out), from the
-    # lowest free frontier row or, when every row was busy, waiting for one
-    # as above. A fifth cheaper than CLAIM with a count of 1.
-    CLAIM_ONE = single_claim("""
+    # A single task (count 1, the original protocol's hand-out): the next
+    # number of the lowest free frontier row or, when every row was busy and
+    # nothing was taken back, of one row waited for as above; a marker row
+    # only when it hands out nothing. One statement where CLAIM with a count
+    # of 1 takes two whenever the rows are busy (a sixth of the hand-outs at
+    # 32 connections), and it has no series of numbers nor counts to make.
+    CLAIM_ONE = claim_statement('true', f"""frontier AS (
+            SELECT f.shard FROM run_frontier f, run
+            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+              AND NOT EXISTS (SELECT 1 FROM reclaim)
             ORDER BY f.next_task LIMIT 1
-            FOR UPDATE OF f SKIP LOCKED""", 'true')
-    CLAIM_ONE_WAITING = single_claim(WAIT_FOR_ONE_ROW, 'false')
+            FOR UPDATE OF f SKIP LOCKED
+        ), waited AS (
+            SELECT f.shard FROM run_frontier f, run
+            WHERE f.run_id = run.id AND f.next_task < run.num_tasks
+              AND NOT EXISTS (SELECT 1 FROM reclaim) AND NOT EXISTS (SELECT 1 FROM exhausted)
+              AND NOT EXISTS (SELECT 1 FROM frontier)
+              {WAIT_FOR_ONE_ROW}
+        ), picked AS (
+            UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
+            FROM (SELECT shard FROM frontier UNION ALL SELECT shard FROM waited) chosen, run
+            WHERE f.run_id = run.id AND f.shard = chosen.shard
+            RETURNING f.next_task - {FRONTIER_SHARDS} AS task
+        ), {CREATED}""", """
+               CASE WHEN EXISTS (SELECT 1 FROM picked) THEN 'stepped'
+                    WHEN EXISTS (SELECT 1 FROM run_frontier f, run
+                                 WHERE f.run_id = run.id AND f.next_task < run.num_tasks)
+                    THEN 'busy' ELSE 'end' END
+        FROM found
+        WHERE NOT EXISTS (SELECT 1 FROM claimed) AND NOT EXISTS (SELECT 1 FROM created)""")
 
     # Found by the hand-out when it has nothing to give: is there a run at
     # all (for the 404), and the run and worker for the sqlite steps.
@@ -1186,7 +1185,8 @@ class Store:
         check_run_uuid(run)
         check_worker_uuid(worker)
         params = owner.params(run=run, worker=worker, count=count, request=request_id,
-                              claim=random.getrandbits(62), spread=0)
+                              claim=random.getrandbits(62),
+                              spread=random.randrange(FRONTIER_SHARDS))
         # With a request id or updates the first round is one transaction:
         # the updates applied, the claim recorded and the tasks handed out
         # together, or none of it.
@@ -1237,7 +1237,7 @@ class Store:
         """The PostgreSQL hand-out statement for `count` tasks, waiting for a
         busy frontier row or not."""
         if count == 1:
-            return self.CLAIM_ONE_WAITING if waiting else self.CLAIM_ONE
+            return self.CLAIM_ONE   # it waits by itself
         return self.CLAIM_WAITING if waiting else self.CLAIM
 
     def claim_round(self, tx: Transaction, statement: str, params: dict,
