@@ -1046,8 +1046,9 @@ class Store:
     CLAIM_WAITING = batch_claim(WAIT_FOR_ONE_ROW, 'false')
     # A single task (count 1, the original protocol's hand-out): the next
     # number of the lowest free frontier row or, when every row was busy and
-    # nothing was taken back, of one row waited for as above; a marker row
-    # only when it hands out nothing. One statement where CLAIM with a count
+    # nothing was taken back, of one row waited for as above (if :wait: not
+    # in a transaction that holds rows already); a marker row only when it
+    # hands out nothing. One statement where CLAIM with a count
     # of 1 takes two whenever the rows are busy (a sixth of the hand-outs at
     # 32 connections), and it has no series of numbers nor counts to make.
     CLAIM_ONE = claim_statement('true', f"""frontier AS (
@@ -1060,7 +1061,7 @@ class Store:
             SELECT f.shard FROM run_frontier f, run
             WHERE f.run_id = run.id AND f.next_task < run.num_tasks
               AND NOT EXISTS (SELECT 1 FROM reclaim) AND NOT EXISTS (SELECT 1 FROM exhausted)
-              AND NOT EXISTS (SELECT 1 FROM frontier)
+              AND NOT EXISTS (SELECT 1 FROM frontier) AND CAST(:wait AS boolean)
               {WAIT_FOR_ONE_ROW}
         ), picked AS (
             UPDATE run_frontier f SET next_task = f.next_task + {FRONTIER_SHARDS}
@@ -1184,14 +1185,15 @@ class Store:
         """
         check_run_uuid(run)
         check_worker_uuid(worker)
-        params = owner.params(run=run, worker=worker, count=count, request=request_id,
-                              claim=random.getrandbits(62),
-                              spread=random.randrange(FRONTIER_SHARDS))
         # With a request id or updates the first round is one transaction:
         # the updates applied, the claim recorded and the tasks handed out
-        # together, or none of it.
+        # together, or none of it. It holds rows then, so it must not wait
+        # for a busy frontier row (a delete takes those first, then tasks).
         atomic = (request_id is not None or updates is not None
                   or self.db.dialect == 'sqlite')
+        params = owner.params(run=run, worker=worker, count=count, request=request_id,
+                              claim=random.getrandbits(62), wait=not atomic,
+                              spread=random.randrange(FRONTIER_SHARDS))
         try:
             handed = self.db.run(lambda tx: self.first_round(tx, params, updates), atomic)
         except Repeated:
@@ -1264,7 +1266,7 @@ class Store:
             if handed.note == 'end' or len(handed.tasks) >= count or (busy and handed.tasks):
                 break
             next_params = {**params, 'count': count - len(handed.tasks), 'request': None,
-                           'spread': random.randrange(FRONTIER_SHARDS)}
+                           'wait': True, 'spread': random.randrange(FRONTIER_SHARDS)}
             handed = self.db.run(lambda tx, so_far=handed, wanted=next_params: self.next_round(
                 tx, wanted, so_far), atomic=False)
         return handed

@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -210,6 +212,32 @@ def test_single_handout_and_puts_send_one_statement_each_with_no_transaction(
             assert sent == one_statement, name
 
 
+def with_frontier_locked(database_url: str, run: str, request: Callable[[], Any],
+                         while_waiting: Callable[[], None]) -> Any:
+    """request()'s answer, sent while another transaction holds every frontier
+    row of the run; while_waiting() runs once the request waits for one."""
+    import threading
+
+    import psycopg
+    answers = []
+    with psycopg.connect(database_url) as locker, \
+            psycopg.connect(database_url, autocommit=True) as watcher:
+        locker.execute('SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id '
+                       'WHERE r.uuid = %s FOR UPDATE OF f', [run])
+        sending = threading.Thread(target=lambda: answers.append(request()))
+        sending.start()
+        deadline = time.monotonic() + 10
+        while not watcher.execute(
+                "SELECT 1 FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+                ).fetchone():
+            assert time.monotonic() < deadline, 'the request never waited'
+            time.sleep(0.01)
+        while_waiting()
+        locker.rollback()
+        sending.join(10)
+    return answers[0]
+
+
 def test_a_single_handout_that_finds_every_frontier_row_busy_waits_within_its_statement(
         alice, db, database_url, monkeypatch):
     """With every next-number sequence locked by another transaction, a single
@@ -218,33 +246,39 @@ def test_a_single_handout_that_finds_every_frontier_row_busy_waits_within_its_st
     that sequence's next task once it is free."""
     if db.dialect != 'postgresql':
         pytest.skip('sqlite has one writer: its hand-out never finds a sequence busy')
-    import threading
-
-    import psycopg
     run = alice.create_run(100)['uuid']
     worker = alice.register_worker()
     statements = []
     real_run_on = db.run_on
     monkeypatch.setattr(db, 'run_on', lambda conn, sql, params: (
         statements.append(sql), real_run_on(conn, sql, params))[1])
-    answers = []
-    with psycopg.connect(database_url) as locker, \
-            psycopg.connect(database_url, autocommit=True) as watcher:
-        locker.execute('SELECT f.shard FROM run_frontier f JOIN runs r ON r.id = f.run_id '
-                       'WHERE r.uuid = %s FOR UPDATE OF f', [run])
-        claiming = threading.Thread(target=lambda: answers.append(alice.claim(run, worker)))
-        claiming.start()
-        deadline = time.monotonic() + 10
-        while not watcher.execute(
-                "SELECT 1 FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-                ).fetchone():
-            assert time.monotonic() < deadline, 'the hand-out never waited'
-            time.sleep(0.01)
-        assert len(statements) == 1     # the hand-out waits in its first statement
-        locker.rollback()
-        claiming.join(10)
+    answer = with_frontier_locked(database_url, run, lambda: alice.claim(run, worker),
+                                  lambda: assert_equal(len(statements), 1))
     assert len(statements) == 1
-    assert answers[0].status_int == 201 and 0 <= answers[0].json['task'] < 8
+    assert answer.status_int == 201 and 0 <= answer.json['task'] < 8
+
+
+def test_a_claim_with_updates_commits_them_before_it_waits_for_a_busy_frontier_row(
+        alice, db, database_url):
+    """A claim's first transaction holds the rows its updates changed: it must
+    not wait for a frontier row (a delete takes those first, then the tasks:
+    a deadlock). It commits, and the claim waits in a transaction of its own."""
+    if db.dialect != 'postgresql':
+        pytest.skip('sqlite has one writer: its hand-out never finds a sequence busy')
+    run = alice.create_run(100)['uuid']
+    worker = alice.register_worker()
+    held = alice.claim(run, worker).json['task']
+    answer = with_frontier_locked(
+        database_url, run,
+        lambda: alice.claim_tasks(run, worker, count=1, updates=[{'task': held, 'status': 'done'}]),
+        lambda: assert_equal(db.one('SELECT status FROM tasks WHERE task = :n', {'n': held}),
+                             {'status': 'done'}))
+    assert answer.json['updates'] == [{'task': held, 'result': 'ok'}]
+    assert len(answer.json['data']) == 1
+
+
+def assert_equal(value: Any, expected: Any) -> None:
+    assert value == expected
 
 
 def test_every_statement_fits_psycopgs_cache_of_parsed_statements():
