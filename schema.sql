@@ -7,13 +7,17 @@
 -- from the run's 8 `run_frontier` rows: row s hands out s, s + 8, s + 16, ...
 -- so that up to 8 hand-outs of one run never wait on each other.
 --
--- `run_stats` keeps the counts per run, split over 8 slots so that concurrent
+-- `run_stats` keeps the counts per run, split over slots so that concurrent
 -- updates rarely wait on the same row; a run's counts are the sums of its
 -- slots. Triggers keep them true on every insert and update of a task, so
 -- reading a run's status never scans its tasks. On PostgreSQL a connection
--- adds to one slot (its backend pid % 8), whatever the tasks: a transaction
--- then locks one stats row of a run, and two transactions cannot deadlock
--- over them. Tasks are deleted only with their run (and its stats).
+-- adds to one slot (its backend pid % 64, the row made when first needed),
+-- whatever the tasks: a transaction then locks one stats row of a run, and
+-- two transactions cannot deadlock over them. With pid % 8, the two server
+-- processes' 16 connections shared 8 rows, and a hand-out waited for
+-- another's stats row while holding its frontier row. A run starts with 8
+-- slots (sqlite uses those: task % 8). Tasks are deleted only with their
+-- run (and its stats).
 -- The same triggers stop a run whose failed tasks reach its maxFailures.
 --
 -- `attempts` keeps every attempt of a task that did not end done (failed,
@@ -186,16 +190,17 @@ BEGIN
     IF NOT EXISTS (SELECT FROM new_rows) THEN
         RETURN NULL;
     END IF;
-    UPDATE run_stats s SET
-        computing = s.computing + d.computing, done = s.done + d.done,
-        failed = s.failed + d.failed, micropercent = s.micropercent + d.micropercent
-    FROM (SELECT run_id,
-                 count(*) FILTER (WHERE status = 'computing') AS computing,
-                 count(*) FILTER (WHERE status = 'done') AS done,
-                 count(*) FILTER (WHERE status = 'failed') AS failed,
-                 sum(CAST(round(percent * 1000000) AS bigint)) AS micropercent
-          FROM new_rows GROUP BY 1) d
-    WHERE s.run_id = d.run_id AND s.slot = pg_backend_pid() % 8;
+    INSERT INTO run_stats AS s (run_id, slot, computing, done, failed, micropercent)
+    SELECT run_id, pg_backend_pid() % 64,
+           count(*) FILTER (WHERE status = 'computing'),
+           count(*) FILTER (WHERE status = 'done'),
+           count(*) FILTER (WHERE status = 'failed'),
+           sum(CAST(round(percent * 1000000) AS bigint))
+    FROM new_rows GROUP BY 1
+    ON CONFLICT (run_id, slot) DO UPDATE SET
+        computing = s.computing + EXCLUDED.computing, done = s.done + EXCLUDED.done,
+        failed = s.failed + EXCLUDED.failed,
+        micropercent = s.micropercent + EXCLUDED.micropercent;
     PERFORM stop_failing_runs(ARRAY(
         SELECT DISTINCT run_id FROM new_rows WHERE status = 'failed'));
     RETURN NULL;
@@ -206,22 +211,22 @@ BEGIN
     IF NOT EXISTS (SELECT FROM new_rows) THEN
         RETURN NULL;
     END IF;
-    UPDATE run_stats s SET
-        computing = s.computing + d.computing, done = s.done + d.done,
-        failed = s.failed + d.failed, micropercent = s.micropercent + d.micropercent
-    FROM (SELECT n.run_id,
-                 count(*) FILTER (WHERE n.status = 'computing')
-                 - count(*) FILTER (WHERE o.status = 'computing') AS computing,
-                 count(*) FILTER (WHERE n.status = 'done')
-                 - count(*) FILTER (WHERE o.status = 'done') AS done,
-                 count(*) FILTER (WHERE n.status = 'failed')
-                 - count(*) FILTER (WHERE o.status = 'failed') AS failed,
-                 sum(CAST(round(n.percent * 1000000) AS bigint)
-                     - CAST(round(o.percent * 1000000) AS bigint)) AS micropercent
-          FROM new_rows n JOIN old_rows o ON o.id = n.id
-          WHERE n.status <> o.status OR n.percent <> o.percent
-          GROUP BY 1) d
-    WHERE s.run_id = d.run_id AND s.slot = pg_backend_pid() % 8;
+    INSERT INTO run_stats AS s (run_id, slot, computing, done, failed, micropercent)
+    SELECT n.run_id, pg_backend_pid() % 64,
+           count(*) FILTER (WHERE n.status = 'computing')
+           - count(*) FILTER (WHERE o.status = 'computing'),
+           count(*) FILTER (WHERE n.status = 'done') - count(*) FILTER (WHERE o.status = 'done'),
+           count(*) FILTER (WHERE n.status = 'failed')
+           - count(*) FILTER (WHERE o.status = 'failed'),
+           sum(CAST(round(n.percent * 1000000) AS bigint)
+               - CAST(round(o.percent * 1000000) AS bigint))
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE n.status <> o.status OR n.percent <> o.percent
+    GROUP BY 1
+    ON CONFLICT (run_id, slot) DO UPDATE SET
+        computing = s.computing + EXCLUDED.computing, done = s.done + EXCLUDED.done,
+        failed = s.failed + EXCLUDED.failed,
+        micropercent = s.micropercent + EXCLUDED.micropercent;
     PERFORM stop_failing_runs(ARRAY(
         SELECT DISTINCT n.run_id FROM new_rows n JOIN old_rows o ON o.id = n.id
         WHERE n.status = 'failed' AND o.status <> 'failed'));

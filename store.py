@@ -1782,7 +1782,7 @@ class Store:
     # -- metrics (metrics.py: GET /metrics) ---------------------------------
 
     # Every user's unfinished runs, newest first, with their counts: one pass
-    # over run_stats (8 rows a run), never over tasks.
+    # over run_stats (8 to 64 rows a run), never over tasks.
     UNFINISHED_RUNS = f"""
         SELECT r.uuid, r.num_tasks, {RUN_COUNTS}
         FROM runs r JOIN run_stats s ON s.run_id = r.id

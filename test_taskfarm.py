@@ -281,6 +281,38 @@ def assert_equal(value: Any, expected: Any) -> None:
     assert value == expected
 
 
+def test_two_connections_of_a_crowded_server_do_not_share_a_stats_row(alice, db, database_url):
+    """Each connection adds its task counts to a stats row of its own (by its
+    backend pid % 64): one whose transaction is still open does not make
+    another wait, as with pid % 8, where a server's 16 connections shared
+    8 rows and hand-outs waited for each other there."""
+    if db.dialect != 'postgresql':
+        pytest.skip('sqlite has one writer: its transactions never wait on each other')
+    import psycopg
+    run = alice.create_run(10)['uuid']
+    worker = alice.register_worker()
+    tasks = [alice.claim(run, worker).json['task'] for _ in range(2)]
+    connections = [psycopg.connect(database_url) for _ in range(20)]
+    try:
+        pids = {conn.execute('SELECT pg_backend_pid()').fetchone()[0]: conn
+                for conn in connections}
+        pair = next(((a, b) for a in pids for b in pids
+                     if a % 8 == b % 8 and a % 64 != b % 64), None)
+        assert pair is not None, sorted(pids)
+        first, second = pids[pair[0]], pids[pair[1]]
+        progress = ('UPDATE tasks SET percent = 50 '
+                    'WHERE run_id = (SELECT id FROM runs WHERE uuid = %s) AND task = %s')
+        first.execute(progress, [run, tasks[0]])    # its transaction stays open
+        second.execute("SET lock_timeout = '2s'")
+        second.execute(progress, [run, tasks[1]])   # without a wait for the first's
+        second.commit()
+        first.commit()
+    finally:
+        for conn in connections:
+            conn.close()
+    assert alice.run_info(run)['percentDone'] == 10.0
+
+
 def test_every_statement_fits_psycopgs_cache_of_parsed_statements():
     """psycopg parses a statement longer than its limit (4 KiB) anew on every
     call: squeezed, every statement of the store stays within it."""
