@@ -1046,11 +1046,11 @@ class Store:
     CLAIM_WAITING = batch_claim(WAIT_FOR_ONE_ROW, 'false')
     # A single task (count 1, the original protocol's hand-out): the next
     # number of the lowest free frontier row or, when every row was busy and
-    # nothing was taken back, of one row waited for as above (if :wait: not
-    # in a transaction that holds rows already); a marker row only when it
-    # hands out nothing. One statement where CLAIM with a count
-    # of 1 takes two whenever the rows are busy (a sixth of the hand-outs at
-    # 32 connections), and it has no series of numbers nor counts to make.
+    # nothing was taken back, of one row waited for as above (only with
+    # :wait, never in a transaction that holds rows already); a marker row
+    # only when it hands out nothing. One statement, busy or not, where a
+    # 'busy' answer and a waiting round took two (a sixth of the hand-outs
+    # at 32 connections); no series of numbers nor counts to make.
     CLAIM_ONE = claim_statement('true', f"""frontier AS (
             SELECT f.shard FROM run_frontier f, run
             WHERE f.run_id = run.id AND f.next_task < run.num_tasks
